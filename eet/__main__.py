@@ -1,0 +1,5 @@
+import sys
+
+from eet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""CLI subcommands: each module has ``main(argv=None) -> int`` and imports its heavy dependencies inside."""

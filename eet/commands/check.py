@@ -1,0 +1,187 @@
+"""``eet check DIR``: accuracy of a built BERT on a ragged batch, on a machine without a TensorRT GPU.
+
+Three runs on the same random ragged batch:
+
+- ``huggingface``: the Hugging Face model in PyTorch, fp32, padded batch with attention mask;
+- ``onnxruntime``: ``original.onnx`` in ONNX Runtime (CPU), same padded batch;
+- ``eet-reference``: ``model.onnx`` (packed, the engine's graph and dtype) with each EET plugin run by its
+  NumPy reference (``onnx.reference``).
+
+Padded outputs are unpacked to the engine's layout (``hidden_states`` [T, H], ``first_token_states``
+[B, H]) and Polygraphy's comparator reports max abs/rel error per output against the tolerances of the
+engine's dtype. Exit status 1 on FAIL. The engine itself is not executed here.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from eet.errors import EetError
+
+TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2)}
+"""dtype -> (atol, rtol), elementwise ``|a - b| <= atol + rtol * |b|`` against ONNX Runtime / Hugging Face
+fp32. fp16 allows for fp16 GEMM/GELU rounding through every layer (LayerNorm and softmax are fp32)."""
+
+
+@dataclass
+class RaggedBatch:
+    """A batch of B token sequences of different lengths, padded and packed.
+
+    Attributes:
+        lengths: int [B].
+        ids, token_types: int64 [B, S] (padded with 0), mask: int64 [B, S] (1 = real token).
+    """
+
+    lengths: np.ndarray
+    ids: np.ndarray
+    token_types: np.ndarray
+    mask: np.ndarray
+
+    @property
+    def positions(self) -> np.ndarray:
+        b, s = self.ids.shape
+        return np.tile(np.arange(s, dtype=np.int64), (b, 1))
+
+    def unpad(self, x: np.ndarray) -> np.ndarray:
+        """[B, S, ...] -> packed [T, ...]."""
+        return np.concatenate([x[b, :n] for b, n in enumerate(self.lengths)])
+
+    def packed_feeds(self, max_seqlen: int | None = None) -> dict[str, np.ndarray]:
+        """The packed engine inputs (int32)."""
+        cu = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int32)
+        return {
+            "input_ids": self.unpad(self.ids).astype(np.int32),
+            "token_type_ids": self.unpad(self.token_types).astype(np.int32),
+            "position_ids": np.concatenate([np.arange(n) for n in self.lengths]).astype(np.int32),
+            "cu_seqlens": cu,
+            "max_seqlen": np.zeros(max_seqlen or int(self.lengths.max()), np.int32),
+        }
+
+
+def ragged_batch(rng: np.random.Generator, batch: int, max_len: int, vocab: int, type_vocab: int = 2,
+                 ) -> RaggedBatch:
+    """Random lengths in [1, max_len] (one sequence of length 1 and one of max_len when batch >= 2)."""
+    lengths = rng.integers(1, max_len + 1, size=batch)
+    if batch >= 2:
+        lengths[rng.permutation(batch)[:2]] = (1, max_len)
+    s = int(lengths.max())
+    mask = (np.arange(s)[None, :] < lengths[:, None]).astype(np.int64)
+    ids = rng.integers(0, vocab, size=(batch, s)) * mask
+    types = rng.integers(0, type_vocab, size=(batch, s)) * mask
+    return RaggedBatch(lengths=lengths, ids=ids, token_types=types, mask=mask)
+
+
+def load_reference_model(info: dict):
+    """The Hugging Face model the engine was built from (random weights are rebuilt from their seed and
+    checked against the recorded fingerprint)."""
+    from eet.commands.build import weights_fingerprint
+    from eet.exporter import bert
+
+    source = info["model"]["source"]
+    kind = source["kind"]
+    if kind == "package":
+        loaded = bert.load_bert(None, None)
+    elif kind == "directory":
+        loaded = bert.load_bert(source["path"], None)
+    elif kind in ("preset", "config"):
+        loaded = bert.load_bert(None, source.get("name") or source.get("path"), seed=source.get("seed", 0))
+    else:
+        raise EetError(f"unknown model source {kind!r} in the sidecar")
+    if weights_fingerprint(loaded.model) != info["model"]["weights_sha256"]:
+        raise EetError("the Hugging Face weights differ from the ones the engine was built from (another "
+                       "torch version draws other random weights, or the model directory changed); rebuild")
+    bert.set_attention(loaded.model, "eager")
+    return loaded
+
+
+def run_check(directory: str | Path, batch: int = 6, max_len: int = 64, seed: int | None = None,
+              out=print) -> bool:
+    """Run the three models on one ragged batch and compare; returns True on PASS."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
+    from polygraphy.comparator.struct import IterationResult
+    from polygraphy.logger import G_LOGGER
+
+    from eet.plugins import onnx_reference
+    from eet.runtime import sidecar
+
+    folder = Path(directory)
+    info = sidecar.read(folder, verify_plan=False)
+    if info["family"] != "bert":
+        raise EetError(f"{folder} holds a {info['family']} engine; this check covers BERT")
+    build = info["build"]
+    if batch < 1 or max_len < 1:
+        raise EetError("--batch and --max-len must be positive")
+    if batch > build["max_batch"] or max_len > build["max_seq"]:
+        raise EetError(f"--batch {batch} / --max-len {max_len} exceed the engine's --max-batch "
+                       f"{build['max_batch']} / --max-seq {build['max_seq']}")
+    seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else seed
+    rng = np.random.default_rng(seed)
+    cfg = info["model"]["config"]
+    rb = ragged_batch(rng, batch, max_len, cfg["vocab_size"], cfg.get("type_vocab_size", 2))
+    out(f"ragged batch: seed {seed}, {batch} sequences, lengths {rb.lengths.tolist()} ({rb.lengths.sum()} tokens)")
+
+    loaded = load_reference_model(info)
+    with torch.no_grad():
+        hf = loaded.model(input_ids=torch.from_numpy(rb.ids), attention_mask=torch.from_numpy(rb.mask),
+                          token_type_ids=torch.from_numpy(rb.token_types),
+                          position_ids=torch.from_numpy(rb.positions)).last_hidden_state.numpy()
+    session = ort.InferenceSession(str(folder / info["files"]["original_onnx"]), providers=["CPUExecutionProvider"])
+    (ort_out,) = session.run(None, {"input_ids": rb.ids, "attention_mask": rb.mask,
+                                    "token_type_ids": rb.token_types, "position_ids": rb.positions})
+    evaluator = onnx_reference.evaluator(onnx.load(str(folder / info["files"]["onnx"])))
+    hidden, first = evaluator.run(None, rb.packed_feeds())
+
+    def packed(padded):
+        return {"hidden_states": rb.unpad(padded), "first_token_states": np.ascontiguousarray(padded[:, 0])}
+
+    runs = {"huggingface": packed(hf), "onnxruntime": packed(ort_out),
+            "eet-reference": {"hidden_states": hidden.astype(np.float32),
+                              "first_token_states": first.astype(np.float32)}}
+    results = RunResults()
+    for name, outputs in runs.items():
+        results.append((name, [IterationResult(outputs=outputs, runner_name=name)]))
+    G_LOGGER.module_severity = G_LOGGER.WARNING
+    # (runner, reference runner, tolerances): the export itself is fp32, the rewritten graph has the engine's dtype
+    comparisons = [(1, 0, TOLERANCES["fp32"]), (2, 0, TOLERANCES[info["dtype"]]), (2, 1, TOLERANCES[info["dtype"]])]
+    names = list(runs)
+    ok = True
+    out(f"{'comparison':<32} {'output':<19} {'max abs':>10} {'max rel':>10} {'atol':>7} {'rtol':>7}  verdict")
+    for i, j, (atol, rtol) in comparisons:
+        verdict = Comparator.compare_accuracy(
+            results, comparisons=[(i, j)],
+            compare_func=SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat="elemwise"))
+        ok &= bool(verdict)
+        for output in ("hidden_states", "first_token_states"):
+            a = runs[names[i]][output].astype(np.float64)
+            b = runs[names[j]][output].astype(np.float64)
+            diff = np.abs(a - b)
+            passed = bool((diff <= atol + rtol * np.abs(b)).all())
+            ok &= passed
+            out(f"{names[i] + ' vs ' + names[j]:<32} {output:<19} {diff.max():>10.3e} "
+                f"{(diff / np.maximum(np.abs(b), 1e-6)).max():>10.3e} {atol:>7.0e} {rtol:>7.0e}  "
+                f"{'PASS' if passed else 'FAIL'}")
+    out("PASS" if ok else "FAIL")
+    out("note: the TensorRT engine was not executed by this check (no TensorRT-capable GPU is used); "
+        "it checks the graph the engine was built from, with the plugins' references")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``eet check DIR [--batch B] [--max-len L] [--seed N]``"""
+    p = argparse.ArgumentParser(prog="eet check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("directory", metavar="DIR", help="a directory written by `eet build`")
+    p.add_argument("--batch", type=int, default=6, help="sequences in the ragged batch (default 6)")
+    p.add_argument("--max-len", type=int, default=64, help="longest sequence (default 64)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the batch (default: fresh, printed)")
+    args = p.parse_args(argv)
+    ok = run_check(args.directory, args.batch, args.max_len, args.seed)
+    sys.stdout.flush()
+    return 0 if ok else 1

@@ -1,0 +1,456 @@
+"""Graph passes that make an exported BERT padding-free with EET plugin nodes.
+
+Each pass is a small function over an ``onnx_graphsurgeon.Graph``. Attention is found by structure, from
+its anchor (a ``Softmax`` or an ONNX ``Attention`` node), never by tensor names:
+
+- eager:  ``MatMul(Q, K^T) [* / scale] [+ mask] -> Softmax -> MatMul(., V)``
+- SDPA decomposition: the same with ``sqrt(scale)`` on Q and on K, K^T by Reshape/Transpose, and the
+  ``IsNaN``/``Where`` guard after Softmax
+- ONNX ``Attention`` (opset 23+): ``Attention(Q, K, V [, mask])``
+
+Q, K and V are traced back through head-splitting layout ops (Reshape, Transpose, Squeeze, Unsqueeze,
+Identity; scalar Mul/Div folded into the scale) to the projections ``[B, S, hidden]``; the output is traced
+forward through the head-merging Transpose/Reshape to ``[B, S, hidden]``. The whole subgraph becomes one
+``EetVarlenAttention`` node reading the projections and ``cu_seqlens``, and the mask computation dies.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from eet.errors import EetError
+from eet.plugins.spec import VARLEN_ATTENTION
+
+LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity")
+CU_SEQLENS = "cu_seqlens"
+MAX_SEQLEN = "max_seqlen"
+PACKED_INPUTS = ("input_ids", "token_type_ids", "position_ids")
+MASK_INPUT = "attention_mask"
+HIDDEN_OUTPUT = "hidden_states"
+FIRST_TOKEN_OUTPUT = "first_token_states"
+
+
+class NoMatch(Exception):
+    """An attention anchor whose surroundings are not a form the rewriter knows (internal; see EetError)."""
+
+
+@dataclass
+class AttentionMatch:
+    """One attention subgraph.
+
+    Attributes:
+        anchor: the Softmax or Attention node.
+        query, key, value: the projection tensors [B, S, hidden] the heads are split from.
+        context: the tensor [B, S, hidden] the heads are merged into.
+        scale: the softmax scale the subgraph applies to q.k.
+    """
+
+    anchor: object
+    query: object
+    key: object
+    value: object
+    context: object
+    scale: float
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _producer(tensor):
+    return tensor.inputs[0] if len(tensor.inputs) else None
+
+
+def _scalar(tensor) -> float | None:
+    """The value of a one-element constant (initializer or Constant node), else None."""
+    import onnx_graphsurgeon as gs
+
+    values = None
+    if isinstance(tensor, gs.Constant):
+        values = tensor.values
+    else:
+        node = _producer(tensor)
+        if node is not None and node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
+            values = node.attrs["value"].values
+    if values is None or np.asarray(values).size != 1:
+        return None
+    return float(np.asarray(values).reshape(-1)[0])
+
+
+def _scale_factor(node, data) -> float | None:
+    """For ``Mul``/``Div`` of ``data`` by a scalar constant, the factor it applies; else None."""
+    if node.op not in ("Mul", "Div") or len(node.inputs) != 2:
+        return None
+    other = node.inputs[1] if node.inputs[0] is data else node.inputs[0]
+    if node.op == "Div" and node.inputs[0] is not data:
+        return None
+    value = _scalar(other)
+    if value is None or value == 0.0:
+        return None
+    return value if node.op == "Mul" else 1.0 / value
+
+
+def _trace_back(tensor, what: str):
+    """Walk from an attention operand back through layout ops and scalar scales to the projection.
+
+    Returns (projection tensor, accumulated scale, number of Reshapes on the way)."""
+    scale, reshapes = 1.0, 0
+    while True:
+        node = _producer(tensor)
+        if node is None:
+            break
+        if node.op in LAYOUT_OPS:
+            reshapes += node.op in ("Reshape", "Squeeze", "Unsqueeze")
+            tensor = node.inputs[0]
+            continue
+        factor = _scale_factor(node, node.inputs[0]) if node.op in ("Mul", "Div") else None
+        if factor is None and node.op == "Mul":
+            factor = _scale_factor(node, node.inputs[1])
+            if factor is not None:
+                tensor = node.inputs[1]
+                scale *= factor
+                continue
+        if factor is not None:
+            scale *= factor
+            tensor = node.inputs[0]
+            continue
+        break
+    if reshapes == 0:
+        raise NoMatch(f"the {what} operand is not split into heads by a Reshape (reached "
+                      f"{_describe(_producer(tensor))})")
+    return tensor, scale
+
+
+def _trace_forward(tensor):
+    """Walk from the per-head attention output through the head-merging Transpose/Reshape."""
+    reshapes = 0
+    while len(tensor.outputs) == 1 and tensor.outputs[0].op in ("Transpose", "Reshape"):
+        node = tensor.outputs[0]
+        reshapes += node.op == "Reshape"
+        tensor = node.outputs[0]
+    if reshapes == 0:
+        raise NoMatch("the attention output is not merged back from heads by a Reshape")
+    return tensor
+
+
+def _describe(node) -> str:
+    return "a graph input" if node is None else f"{node.op} node {node.name!r}"
+
+
+def module_scopes(model) -> dict[str, str]:
+    """Node name -> the module path ``torch.onnx`` recorded for it (metadata ``namespace``), if any."""
+    scopes = {}
+    for node in model.graph.node:
+        for prop in node.metadata_props:
+            if prop.key == "namespace":
+                scopes[node.name] = prop.value
+    return scopes
+
+
+def layer_label(node, index: int, scopes: dict[str, str] | None = None) -> str:
+    """A human name for the attention at position ``index``: the layer the exporter recorded
+    (e.g. ``layer 3 (encoder.layer.3.attention)``) when it did, plus the node name."""
+    found = re.findall(r"([\w.]*layer\.(\d+)\.attention)\b", (scopes or {}).get(node.name, ""))
+    where = f"layer {found[0][1]} ({found[0][0]})" if found else f"attention #{index}"
+    return f"{where}, node {node.name!r}"
+
+
+# ----------------------------------------------------------------------------------------------- matching
+def _scores_matmul(tensor):
+    """From the Softmax input back to MatMul(Q, K^T): skip scalar scales and one additive mask."""
+    scale, masked = 1.0, False
+    while True:
+        node = _producer(tensor)
+        if node is None:
+            raise NoMatch("the Softmax input does not come from a MatMul")
+        if node.op == "MatMul":
+            return node, scale
+        factor = _scale_factor(node, node.inputs[0]) if node.op in ("Mul", "Div") else None
+        if factor is not None:
+            scale *= factor
+            tensor = node.inputs[0]
+            continue
+        if node.op == "Mul":
+            factor = _scale_factor(node, node.inputs[1])
+            if factor is not None:
+                scale *= factor
+                tensor = node.inputs[1]
+                continue
+        if node.op == "Add" and not masked:
+            # the additive mask: keep walking along the operand that leads to the scores MatMul
+            for operand in node.inputs:
+                try:
+                    found, inner = _scores_matmul(operand)
+                except NoMatch:
+                    continue
+                return found, scale * inner
+            raise NoMatch("neither operand of the Add before Softmax comes from MatMul(Q, K^T)")
+        raise NoMatch(f"unexpected {_describe(node)} between MatMul(Q, K^T) and Softmax")
+
+
+def _probs_consumer(softmax):
+    """The MatMul(P, V) that consumes the softmax output (through the IsNaN/Where guard of SDPA)."""
+    tensor = softmax.outputs[0]
+    for _ in range(4):
+        users = [n for n in tensor.outputs if n.op != "IsNaN"]
+        if len(users) != 1:
+            raise NoMatch(f"the attention probabilities have {len(users)} consumers (expected one MatMul)")
+        node = users[0]
+        if node.op == "MatMul" and node.inputs[0] is tensor:
+            return node
+        if node.op in ("Where", "Cast", "Identity", "Dropout"):
+            tensor = node.outputs[0]
+            continue
+        raise NoMatch(f"the attention probabilities go to {_describe(node)}, not MatMul(P, V)")
+    raise NoMatch("no MatMul(P, V) after Softmax")
+
+
+def match_softmax_attention(softmax) -> AttentionMatch:
+    """Match ``MatMul(Q, K^T) [scale] [+ mask] -> Softmax -> MatMul(., V)`` around ``softmax``."""
+    axis = softmax.attrs.get("axis", -1)
+    if axis not in (-1, 3):
+        raise NoMatch(f"Softmax over axis {axis}, expected the last axis")
+    qk, scale = _scores_matmul(softmax.inputs[0])
+    query, q_scale = _trace_back(qk.inputs[0], "query")
+    key, k_scale = _trace_back(qk.inputs[1], "key")
+    pv = _probs_consumer(softmax)
+    value, v_scale = _trace_back(pv.inputs[1], "value")
+    if v_scale != 1.0:
+        raise NoMatch("the value operand is scaled")
+    context = _trace_forward(pv.outputs[0])
+    return AttentionMatch(softmax, query, key, value, context, scale * q_scale * k_scale)
+
+
+def match_onnx_attention(node, head_dim: int) -> AttentionMatch:
+    """Match an ONNX ``Attention`` node (opset 23+) without KV cache, causal mask or softcap."""
+    present = [t for t in node.inputs[4:] if t is not None and getattr(t, "name", "")]
+    if present:
+        raise NoMatch("the Attention node has past key/value inputs (a KV cache), which BERT never has")
+    if node.attrs.get("is_causal", 0):
+        raise NoMatch("the Attention node is causal; BERT attention is bidirectional")
+    if node.attrs.get("softcap", 0.0):
+        raise NoMatch("the Attention node uses softcap, which the EET kernel does not implement")
+    if node.attrs.get("qk_matmul_output_mode", 0):
+        raise NoMatch("the Attention node exports its QK matrix, which the EET kernel does not produce")
+    used = [o for o in node.outputs[1:] if o.outputs]
+    if used:
+        raise NoMatch("the Attention node's extra outputs are used")
+    query, q_scale = _trace_back(node.inputs[0], "query")
+    key, k_scale = _trace_back(node.inputs[1], "key")
+    value, v_scale = _trace_back(node.inputs[2], "value")
+    if v_scale != 1.0:
+        raise NoMatch("the value operand is scaled")
+    scale = node.attrs.get("scale")
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    context = _trace_forward(node.outputs[0])
+    return AttentionMatch(node, query, key, value, context, scale * q_scale * k_scale)
+
+
+def find_attention(graph, head_dim: int, scopes: dict[str, str] | None = None) -> list[AttentionMatch]:
+    """Match every attention of ``graph`` (topologically sorted), or raise :class:`EetError` naming the
+    first one that is not in a known form."""
+    graph.toposort()
+    anchors = [n for n in graph.nodes if n.op in ("Softmax", "Attention")]
+    matches = []
+    for index, node in enumerate(anchors):
+        try:
+            match = (match_softmax_attention(node) if node.op == "Softmax"
+                     else match_onnx_attention(node, head_dim))
+        except NoMatch as exc:
+            raise EetError(f"cannot rewrite the attention of {layer_label(node, index, scopes)}: {exc}. The rewriter "
+                           "knows the eager MatMul/Softmax chain, the SDPA decomposition and the ONNX "
+                           "Attention op; try another export form (--export-form)") from exc
+        matches.append(match)
+    return matches
+
+
+# ----------------------------------------------------------------------------------------------- passes
+def add_packing_inputs(graph):
+    """Add the graph inputs ``cu_seqlens`` (int32 [B+1]) and ``max_seqlen`` (int32 [S], a shape carrier)."""
+    import onnx_graphsurgeon as gs
+
+    cu = gs.Variable(CU_SEQLENS, dtype=np.int32, shape=["batch_plus_1"])
+    carrier = gs.Variable(MAX_SEQLEN, dtype=np.int32, shape=["max_seqlen"])
+    graph.inputs.extend([cu, carrier])
+    return cu, carrier
+
+
+def replace_attention(graph, match: AttentionMatch, index: int, cu_seqlens, max_seqlen, num_heads: int,
+                      head_dim: int):
+    """Replace one matched attention by an ``EetVarlenAttention`` node; the old subgraph is left dead for
+    ``graph.cleanup()``."""
+    import onnx_graphsurgeon as gs
+
+    out = gs.Variable(f"eet_attention_{index}", dtype=match.context.dtype)
+    node = VARLEN_ATTENTION.make_node(
+        gs, [match.query, match.key, match.value, cu_seqlens, max_seqlen], [out],
+        dict(num_heads=num_heads, head_dim=head_dim, scale=match.scale), name=f"EetVarlenAttention_{index}")
+    graph.nodes.append(node)
+    for consumer in list(match.context.outputs):
+        for i, tensor in enumerate(consumer.inputs):
+            if tensor is match.context:
+                consumer.inputs[i] = out
+    graph.outputs = [out if t is match.context else t for t in graph.outputs]
+    return node
+
+
+def pack_token_inputs(graph):
+    """Turn the token inputs [B, S] (int64) into packed int32 [T] inputs feeding the old graph as [1, T]."""
+    import onnx_graphsurgeon as gs
+
+    by_name = {t.name: t for t in graph.inputs}
+    missing = [n for n in PACKED_INPUTS if n not in by_name]
+    if missing:
+        raise EetError(f"the exported BERT lacks the inputs {missing}; expected {PACKED_INPUTS}")
+    for name in PACKED_INPUTS:
+        old = by_name[name]
+        old.name = f"{name}_batched"
+        packed = gs.Variable(name, dtype=np.int32, shape=["total_tokens"])
+        cast = gs.Variable(f"{name}_cast", dtype=old.dtype)
+        axes = gs.Constant(f"{name}_unsqueeze_axes", np.array([0], dtype=np.int64))
+        graph.nodes.append(gs.Node("Cast", name=f"{name}_to_{np.dtype(old.dtype).name}", inputs=[packed],
+                                   outputs=[cast], attrs={"to": _onnx_type(old.dtype)}))
+        graph.nodes.append(gs.Node("Unsqueeze", name=f"{name}_as_batch_of_one", inputs=[cast, axes],
+                                   outputs=[old]))
+        graph.inputs[graph.inputs.index(old)] = packed
+    mask = by_name.get(MASK_INPUT)
+    if mask is not None:
+        graph.inputs.remove(mask)
+
+
+def packed_outputs(graph, cu_seqlens):
+    """Replace the output [1, T, H] by ``hidden_states`` [T, H] and ``first_token_states`` [B, H]."""
+    import onnx_graphsurgeon as gs
+
+    if len(graph.outputs) != 1:
+        raise EetError(f"expected one output (last_hidden_state), the export has {len(graph.outputs)}")
+    last = graph.outputs[0]
+    hidden = gs.Variable(HIDDEN_OUTPUT, dtype=last.dtype, shape=["total_tokens", last.shape[-1]
+                                                                  if last.shape else "hidden"])
+    first = gs.Variable(FIRST_TOKEN_OUTPUT, dtype=last.dtype, shape=["batch", hidden.shape[1]])
+    starts = gs.Variable("sequence_starts", dtype=np.int32)
+    graph.nodes.extend([
+        gs.Node("Squeeze", name="drop_batch_of_one",
+                inputs=[last, gs.Constant("squeeze_axes", np.array([0], dtype=np.int64))], outputs=[hidden]),
+        gs.Node("Slice", name="sequence_starts",
+                inputs=[cu_seqlens, gs.Constant("starts_begin", np.array([0], dtype=np.int64)),
+                        gs.Constant("starts_end", np.array([-1], dtype=np.int64))], outputs=[starts]),
+        gs.Node("Gather", name="first_tokens", inputs=[hidden, starts], outputs=[first], attrs={"axis": 0}),
+    ])
+    graph.outputs = [hidden, first]
+
+
+def _onnx_type(dtype) -> int:
+    import onnx
+
+    return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+def to_fp16(graph):
+    """Make the graph compute in fp16, except LayerNormalization, which keeps fp32 statistics
+    (fp16 LayerNorm overflows in BERT): its input is cast to fp32 and its output back to fp16.
+
+    Float32 initializers become fp16 copies (a constant shared with a LayerNorm scale/bias keeps its fp32
+    original there), Cast-to-float32 becomes Cast-to-float16, float inputs/outputs become fp16."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    halves = {}
+
+    def half(const):
+        if const.name not in halves:
+            halves[const.name] = gs.Constant(f"{const.name}_fp16", np.asarray(const.values).astype(np.float16))
+        return halves[const.name]
+
+    for node in list(graph.nodes):
+        keep_fp32 = {1, 2} if node.op == "LayerNormalization" else set()
+        for i, tensor in enumerate(node.inputs):
+            if isinstance(tensor, gs.Constant) and tensor.values.dtype == np.float32 and i not in keep_fp32:
+                node.inputs[i] = half(tensor)
+        if node.op == "Cast" and node.attrs.get("to") == onnx.TensorProto.FLOAT:
+            node.attrs["to"] = onnx.TensorProto.FLOAT16
+        if node.op in ("Constant", "ConstantOfShape"):
+            value = node.attrs.get("value")
+            if isinstance(value, gs.Constant) and value.values.dtype == np.float32:
+                node.attrs["value"] = gs.Constant(value.name, value.values.astype(np.float16))
+        if node.op == "LayerNormalization":
+            x, y = node.inputs[0], node.outputs[0]
+            x32 = gs.Variable(f"{node.name}_input_fp32", dtype=np.float32)
+            y32 = gs.Variable(f"{node.name}_output_fp32", dtype=np.float32)
+            graph.nodes.append(gs.Node("Cast", name=f"{node.name}_to_fp32", inputs=[x], outputs=[x32],
+                                       attrs={"to": onnx.TensorProto.FLOAT}))
+            graph.nodes.append(gs.Node("Cast", name=f"{node.name}_to_fp16", inputs=[y32], outputs=[y],
+                                       attrs={"to": onnx.TensorProto.FLOAT16}))
+            node.inputs[0], node.outputs[0] = x32, y32
+            node.attrs["stash_type"] = 1
+    for tensor in list(graph.inputs) + list(graph.outputs):
+        if tensor.dtype == np.float32:
+            tensor.dtype = np.float16
+
+
+def forget_intermediate_shapes(graph):
+    """Drop the exporter's shape/type annotations of inner tensors: batch [B, S] became [1, T]."""
+    import onnx_graphsurgeon as gs
+
+    io = {id(t) for t in list(graph.inputs) + list(graph.outputs)}
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and id(tensor) not in io:
+            tensor.shape = None
+            tensor.dtype = None
+
+
+# ----------------------------------------------------------------------------------------------- the whole rewrite
+def rewrite_bert(model, *, num_layers: int, num_heads: int, head_dim: int, dtype: str = "fp32"):
+    """The padding-free EET graph of an exported BERT.
+
+    Args:
+        model: the exported ``onnx.ModelProto`` (inputs ``input_ids``, ``attention_mask``, ``token_type_ids``,
+            ``position_ids`` [B, S]; output [B, S, H]).
+        num_layers, num_heads, head_dim: from the model config; every layer must be found and rewritten.
+        dtype: ``"fp32"`` or ``"fp16"`` (fp32 LayerNorm statistics, fp32 softmax inside the plugin).
+
+    Returns:
+        ``onnx.ModelProto`` with inputs ``input_ids``, ``token_type_ids``, ``position_ids`` (int32 [T]),
+        ``cu_seqlens`` (int32 [B+1]), ``max_seqlen`` (int32 [S], shape carrier) and outputs
+        ``hidden_states`` [T, H], ``first_token_states`` [B, H]; one ``EetVarlenAttention`` node per layer.
+
+    Raises:
+        EetError: an attention that does not match (naming the layer), a layer count that differs, a mask
+            still used elsewhere.
+    """
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    if dtype not in ("fp32", "fp16"):
+        raise EetError(f"unsupported dtype {dtype!r}: use fp32 or fp16")
+    graph = gs.import_onnx(model)
+    matches = find_attention(graph, head_dim, module_scopes(model))
+    if len(matches) != num_layers:
+        raise EetError(f"found {len(matches)} attention subgraphs in the export, but the model has {num_layers} "
+                       "layers; the rewriter refuses to leave attention unrewritten")
+    cu, carrier = add_packing_inputs(graph)
+    for index, match in enumerate(matches):
+        replace_attention(graph, match, index, cu, carrier, num_heads, head_dim)
+    pack_token_inputs(graph)
+    packed_outputs(graph, cu)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    leftover = [n for n in graph.nodes if n.op in ("Softmax", "Attention")]
+    if leftover:
+        raise EetError(f"attention left after the rewrite: {[n.name for n in leftover]}")
+    mask_users = [n.name for n in graph.nodes if any(t.name == MASK_INPUT for t in n.inputs)]
+    if mask_users:
+        raise EetError(f"the attention mask is still used after the rewrite (by {mask_users}): the model uses "
+                       "it for more than attention, which a padding-free graph cannot express")
+    if dtype == "fp16":
+        to_fp16(graph)
+    forget_intermediate_shapes(graph)
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph)
+    out.opset_import.append(onnx.helper.make_opsetid(VARLEN_ATTENTION.namespace, 1))
+    out.ir_version = model.ir_version
+    return out
+
+
+def count_plugin_nodes(model, name: str = VARLEN_ATTENTION.name) -> int:
+    """How many nodes of plugin ``name`` an ``onnx.ModelProto`` holds."""
+    return sum(1 for n in model.graph.node if n.op_type == name)

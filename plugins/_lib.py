@@ -1,0 +1,273 @@
+"""ctypes binding of libeet_kernels.so, the C ABI of ``plugins/csrc/eet_attention.h``.
+
+The library is loaded lazily (first use), from ``$EET_KERNELS_LIB`` when that is set, else from
+``libeet_kernels.so`` next to this file (where ``pip install .`` puts it: ``eet/plugins/``).
+
+This module imports neither torch nor tensorrt: pointers and streams are plain integers
+(``tensor.data_ptr()``, ``torch.cuda.current_stream().cuda_stream``).
+
+Hot path (a TensorRT plugin's enqueue): build one :class:`VarlenAttentionParams` up front, update its
+pointer fields (``q``, ``k``, ``v``, ``out``, ``cu_seqlens``) and ``total_tokens`` per call, and call
+:func:`varlen_attention`::
+
+    params = make_varlen_params(dtype=DTYPE_FP16, num_heads=12, head_dim=64, ...)
+    ...
+    params.q, params.out = q_ptr, out_ptr
+    varlen_attention(params, stream)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import sys
+import threading
+from pathlib import Path
+
+__all__ = [
+    "ABI_VERSION",
+    "DTYPE_FP16",
+    "DTYPE_FP32",
+    "ENV_VAR",
+    "LIBRARY_NAME",
+    "VarlenAttentionParams",
+    "abi_version",
+    "cuda_error_name",
+    "last_error_message",
+    "library_path",
+    "load_library",
+    "make_varlen_params",
+    "supported",
+    "varlen_attention",
+]
+
+ABI_VERSION = 1  # eet_abi_version() this binding is written for
+LIBRARY_NAME = "libeet_kernels.so"
+ENV_VAR = "EET_KERNELS_LIB"
+
+# EetDtype
+DTYPE_FP32 = 0
+DTYPE_FP16 = 1
+
+CUDA_ERROR_INVALID_VALUE = 1
+
+
+class VarlenAttentionParams(ctypes.Structure):
+    """Field-for-field mirror of ``EetVarlenAttentionParams`` (same order, same types).
+
+    Pointers are ``c_void_p`` (ABI-identical to the C pointer types) so that integers from
+    ``tensor.data_ptr()`` can be assigned directly. Strides are in elements.
+    """
+
+    _fields_ = [
+        ("q", ctypes.c_void_p),
+        ("k", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("cu_seqlens", ctypes.c_void_p),  # const int32_t*
+        ("q_row_stride", ctypes.c_int64),
+        ("k_row_stride", ctypes.c_int64),
+        ("v_row_stride", ctypes.c_int64),
+        ("out_row_stride", ctypes.c_int64),
+        ("batch", ctypes.c_int32),
+        ("num_heads", ctypes.c_int32),
+        ("head_dim", ctypes.c_int32),
+        ("max_seqlen", ctypes.c_int32),
+        ("total_tokens", ctypes.c_int32),
+        ("scale", ctypes.c_float),
+        ("dtype", ctypes.c_int32),
+    ]
+
+
+# cudaError_t names of the codes this library can plausibly return (driver_types.h, CUDA 12/13).
+_CUDA_ERROR_NAMES = {
+    0: "cudaSuccess",
+    1: "cudaErrorInvalidValue",
+    2: "cudaErrorMemoryAllocation",
+    3: "cudaErrorInitializationError",
+    4: "cudaErrorCudartUnloading",
+    9: "cudaErrorInvalidConfiguration",
+    34: "cudaErrorStubLibrary",
+    35: "cudaErrorInsufficientDriver",
+    36: "cudaErrorCallRequiresNewerDriver",
+    46: "cudaErrorDevicesUnavailable",
+    98: "cudaErrorInvalidDeviceFunction",
+    100: "cudaErrorNoDevice",
+    101: "cudaErrorInvalidDevice",
+    200: "cudaErrorInvalidKernelImage",
+    201: "cudaErrorDeviceUninitialized",
+    209: "cudaErrorNoKernelImageForDevice",
+    218: "cudaErrorInvalidPtx",
+    222: "cudaErrorUnsupportedPtxVersion",
+    400: "cudaErrorInvalidResourceHandle",
+    700: "cudaErrorIllegalAddress",
+    701: "cudaErrorLaunchOutOfResources",
+    702: "cudaErrorLaunchTimeout",
+    709: "cudaErrorContextIsDestroyed",
+    716: "cudaErrorMisalignedAddress",
+    719: "cudaErrorLaunchFailure",
+    900: "cudaErrorStreamCaptureUnsupported",
+    901: "cudaErrorStreamCaptureInvalidated",
+    906: "cudaErrorStreamCaptureImplicit",
+    999: "cudaErrorUnknown",
+}
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_varlen_fn = None  # cached eet_varlen_attention: the hot path skips the attribute lookup
+_last_error_fn = None
+
+
+def cuda_error_name(code: int) -> str:
+    """The cudaError_t name of ``code`` ("cudaErrorInvalidValue"), or "cudaError(<code>)"."""
+    return _CUDA_ERROR_NAMES.get(code, f"cudaError({code})")
+
+
+def library_path() -> Path:
+    """Where :func:`load_library` looks: ``$EET_KERNELS_LIB`` if set, else next to this file, else (when
+    ``eet`` is imported from a source checkout) the installed package's ``eet/plugins/`` on ``sys.path``."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent / LIBRARY_NAME
+    if not here.is_file():
+        for entry in sys.path:
+            installed = Path(entry or ".") / "eet" / "plugins" / LIBRARY_NAME
+            if installed.is_file():
+                return installed
+    return here
+
+
+def _missing_library_error(path: Path, reason: str) -> RuntimeError:
+    env = os.environ.get(ENV_VAR)
+    where = (
+        f"${ENV_VAR}={env}"
+        if env
+        else f"{path} (next to {Path(__file__).name}; ${ENV_VAR} is not set)"
+    )
+    return RuntimeError(
+        f"EET kernel library {LIBRARY_NAME} could not be loaded from {where}: {reason}. "
+        "Build and install it with `pip install .` from the EET-TRT repository root (needs the CUDA "
+        "toolkit's nvcc and CMake >= 3.24), or build it with `cmake -S . -B build && cmake --build "
+        f"build` and set {ENV_VAR} to build/{LIBRARY_NAME}."
+    )
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.eet_varlen_attention.argtypes = [ctypes.POINTER(VarlenAttentionParams), ctypes.c_void_p]
+    lib.eet_varlen_attention.restype = ctypes.c_int
+    lib.eet_varlen_attention_supported.argtypes = [ctypes.c_int32, ctypes.c_int32]
+    lib.eet_varlen_attention_supported.restype = ctypes.c_int
+    lib.eet_last_error_message.argtypes = []
+    lib.eet_last_error_message.restype = ctypes.c_char_p
+    lib.eet_abi_version.argtypes = []
+    lib.eet_abi_version.restype = ctypes.c_int32
+
+
+def load_library() -> ctypes.CDLL:
+    """Loads (once) and returns the kernel library, its functions' argtypes/restypes declared.
+
+    Raises RuntimeError naming the path searched and how to build the library when it is missing,
+    cannot be loaded, or was built for another ABI version.
+    """
+    global _lib, _varlen_fn, _last_error_fn
+    lib = _lib
+    if lib is not None:
+        return lib
+    with _lock:
+        if _lib is not None:
+            return _lib
+        path = library_path()
+        if not path.is_file():
+            raise _missing_library_error(path, "no such file")
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as exc:
+            raise _missing_library_error(path, str(exc)) from exc
+        try:
+            _declare(lib)
+        except AttributeError as exc:
+            raise _missing_library_error(path, f"not an EET kernel library ({exc})") from exc
+        version = int(lib.eet_abi_version())
+        if version != ABI_VERSION:
+            raise RuntimeError(
+                f"{path} has ABI version {version}, but this binding ({__file__}) expects "
+                f"{ABI_VERSION}: rebuild the library (`pip install .` from the repository root)."
+            )
+        _varlen_fn = lib.eet_varlen_attention
+        _last_error_fn = lib.eet_last_error_message
+        _lib = lib
+        return lib
+
+
+def abi_version() -> int:
+    """eet_abi_version() of the loaded library."""
+    return int(load_library().eet_abi_version())
+
+
+def supported(dtype: int, head_dim: int) -> bool:
+    """Whether eet_varlen_attention is built for (dtype, head_dim)."""
+    return bool(load_library().eet_varlen_attention_supported(int(dtype), int(head_dim)))
+
+
+def last_error_message() -> str:
+    """eet_last_error_message() of the calling thread ("" if none)."""
+    if _last_error_fn is None:
+        load_library()
+    raw = _last_error_fn()
+    return raw.decode("utf-8", "replace") if raw else ""
+
+
+def make_varlen_params(
+    *,
+    dtype: int,
+    num_heads: int,
+    head_dim: int,
+    batch: int = 1,
+    max_seqlen: int = 1,
+    total_tokens: int = 0,
+    q: int | None = None,
+    k: int | None = None,
+    v: int | None = None,
+    out: int | None = None,
+    cu_seqlens: int | None = None,
+    q_row_stride: int | None = None,
+    k_row_stride: int | None = None,
+    v_row_stride: int | None = None,
+    out_row_stride: int | None = None,
+    scale: float | None = None,
+) -> VarlenAttentionParams:
+    """A filled :class:`VarlenAttentionParams`; row strides default to ``num_heads * head_dim``
+    (contiguous [tokens, heads, head_dim]) and ``scale`` to ``1 / sqrt(head_dim)``."""
+    row = num_heads * head_dim
+    p = VarlenAttentionParams()
+    p.q, p.k, p.v, p.out, p.cu_seqlens = q, k, v, out, cu_seqlens
+    p.q_row_stride = row if q_row_stride is None else q_row_stride
+    p.k_row_stride = row if k_row_stride is None else k_row_stride
+    p.v_row_stride = row if v_row_stride is None else v_row_stride
+    p.out_row_stride = row if out_row_stride is None else out_row_stride
+    p.batch = batch
+    p.num_heads = num_heads
+    p.head_dim = head_dim
+    p.max_seqlen = max_seqlen
+    p.total_tokens = total_tokens
+    p.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    p.dtype = dtype
+    return p
+
+
+def varlen_attention(params: VarlenAttentionParams, stream: int) -> None:
+    """Launches eet_varlen_attention on ``stream`` (a cudaStream_t as an int; 0 = default stream).
+
+    Raises RuntimeError("eet_varlen_attention: <cuda error name>: <message>") on a non-zero return.
+    """
+    fn = _varlen_fn
+    if fn is None:
+        load_library()
+        fn = _varlen_fn
+    rc = fn(ctypes.byref(params), stream)
+    if rc:
+        raise RuntimeError(
+            f"eet_varlen_attention: {cuda_error_name(rc)}: {last_error_message()}"
+        )

@@ -1,0 +1,475 @@
+// Padding-free (variable-length) bidirectional attention: the eet_varlen_attention C ABI of
+// eet_attention.h.
+//
+// Kernel design (CUDA cores, fp32 math; a tensor-core version is a separate piece of work):
+//   grid  = (ceil(min(max_seqlen, total_tokens) / kBlockM), num_heads, min(batch, 65535)); a block
+//           loops over batch in steps of gridDim.z, so any batch size works.
+//   block = 128 threads = 32 "quads" of 4 adjacent lanes. A block owns kBlockM = 64 query rows of one
+//           (sequence, head); quad g owns rows g and g + 32 of that tile. Blocks whose tile starts at or
+//           past the sequence's length do nothing.
+//   Per key tile (kBlockN = 32 keys of the same sequence):
+//     - K and V rows are loaded to shared memory as fp32 (rows past the sequence are zero-filled, never
+//       read from global memory); Q was loaded once, pre-multiplied by scale * log2(e).
+//     - S = Q K^T: thread t of a quad computes its 2 rows x 8 keys (keys t, t+4, ..., t+28).
+//     - online softmax in the log2 domain: row max over the quad by two xor-shuffles, running max m and
+//       (per-thread partial) running sum l, O rescaled by exp2(m_old - m_new); P goes to shared memory.
+//     - O += P V: thread t of a quad owns its 2 rows x head_dim/4 output columns (float4 chunks
+//       16c + 4t .. 16c + 4t + 3), accumulated in fp32 registers.
+//   Finally l is summed over the quad and O / l is written in the element type, only for rows of the
+//   sequence. Global memory outside the sequence's own rows [cu_seqlens[b], cu_seqlens[b+1]) (clamped
+//   to [0, total_tokens)) is never read or written, nor are columns outside [h*D, (h+1)*D).
+// Shared memory per block: (kBlockM + 2 kBlockN) (D + 4) + kBlockM (kBlockN + 4) floats
+//   (27.6 KB at D = 32, 44 KB at D = 64, 76.8 KB at D = 128). The +4 pads make the float4 accesses
+//   of a quarter warp hit distinct banks.
+// Global accesses are 16-byte vectors when every pointer is 16-byte aligned and every row stride is a
+// multiple of 16 bytes; otherwise a scalar path is used (same kernel, block-uniform branch).
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+
+#include <atomic>
+#include <cmath>
+#include <string>
+
+#include "common.cuh"
+#include "dispatch.h"
+#include "eet_attention.h"
+
+#ifndef EET_CUDA_ARCHITECTURES_STR
+#define EET_CUDA_ARCHITECTURES_STR "unknown"
+#endif
+
+namespace eet {
+namespace {
+
+// What the kernel reads; built from EetVarlenAttentionParams once validated.
+struct VarlenArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  const int32_t* cu_seqlens;
+  int64_t q_stride;
+  int64_t k_stride;
+  int64_t v_stride;
+  int64_t o_stride;
+  int32_t batch;
+  int32_t total_tokens;
+  float scale_log2;    // scale * log2(e): scores are kept in the log2 domain
+  int32_t vectorized;  // 1: all pointers and row strides allow 16-byte accesses
+};
+
+template <int D>
+struct VarlenTile {
+  static constexpr int kThreads = 128;
+  static constexpr int kBlockM = 64;                     // query rows per block
+  static constexpr int kBlockN = 32;                     // keys per shared-memory tile
+  static constexpr int kQuads = kThreads / 4;            // groups of 4 adjacent lanes
+  static constexpr int kRows = kBlockM / kQuads;         // query rows per thread (2)
+  static constexpr int kKeys = kBlockN / 4;              // keys per thread per tile (8)
+  static constexpr int kChunks = D / 16;                 // float4 output chunks per thread and row
+  static constexpr int kLd = D + 4;                      // row stride (floats) of the Q, K, V tiles
+  static constexpr int kLdP = kBlockN + 4;               // row stride (floats) of the P tile
+  static constexpr int kSmemFloats = (kBlockM + 2 * kBlockN) * kLd + kBlockM * kLdP;
+  static constexpr size_t kSmemBytes = static_cast<size_t>(kSmemFloats) * sizeof(float);
+
+  static_assert(D % 16 == 0, "head_dim must be a multiple of 16");
+  static_assert(kRows == 2, "the kernel is written for 2 query rows per thread");
+  static_assert(kBlockN % 4 == 0 && kLd % 4 == 0 && kLdP % 4 == 0, "float4 alignment");
+};
+
+// Loads rows [0, valid_rows) of a ROWS x D tile (row r at src + r * stride) into dst (row stride ld,
+// fp32), multiplied by mul; rows [valid_rows, ROWS) are zero-filled and not read.
+template <typename T, int D, int ROWS, int THREADS>
+__device__ __forceinline__ void load_tile(const T* __restrict__ src, int64_t stride, int valid_rows,
+                                          float mul, bool vectorized, float* __restrict__ dst,
+                                          int ld) {
+  if (vectorized) {
+    constexpr int E = VecTraits<T>::kElems;
+    constexpr int VPR = D / E;  // vectors per row
+    static_assert(D % E == 0, "head_dim must fill whole 16-byte vectors");
+    for (int i = threadIdx.x; i < ROWS * VPR; i += THREADS) {
+      const int r = i / VPR;
+      const int c = (i - r * VPR) * E;
+      float f[E];
+      if (r < valid_rows) {
+        load16(src + r * stride + c, f);
+#pragma unroll
+        for (int e = 0; e < E; ++e) f[e] *= mul;
+      } else {
+#pragma unroll
+        for (int e = 0; e < E; ++e) f[e] = 0.f;
+      }
+      float* d = dst + r * ld + c;
+#pragma unroll
+      for (int e = 0; e < E; e += 4) {
+        *reinterpret_cast<float4*>(d + e) = make_float4(f[e], f[e + 1], f[e + 2], f[e + 3]);
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < ROWS * D; i += THREADS) {
+      const int r = i / D;
+      const int c = i - r * D;
+      dst[r * ld + c] = r < valid_rows ? to_float(src[r * stride + c]) * mul : 0.f;
+    }
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(VarlenTile<D>::kThreads)
+    varlen_attention_kernel(const VarlenArgs args) {
+  using Tile = VarlenTile<D>;
+  constexpr int kBlockM = Tile::kBlockM;
+  constexpr int kBlockN = Tile::kBlockN;
+  constexpr int kLd = Tile::kLd;
+  constexpr int kLdP = Tile::kLdP;
+  constexpr int kKeys = Tile::kKeys;
+  constexpr int kChunks = Tile::kChunks;
+  constexpr unsigned kFull = 0xffffffffu;
+
+  extern __shared__ float4 smem_f4[];
+  float* const q_s = reinterpret_cast<float*>(smem_f4);  // [kBlockM][kLd]
+  float* const k_s = q_s + kBlockM * kLd;                // [kBlockN][kLd]
+  float* const v_s = k_s + kBlockN * kLd;                // [kBlockN][kLd]
+  float* const p_s = v_s + kBlockN * kLd;                // [kBlockM][kLdP]
+
+  const int tid = threadIdx.x;
+  const int quad = tid >> 2;  // the 4 lanes of a quad sit in one warp
+  const int t = tid & 3;
+  const int rows[2] = {quad, quad + Tile::kQuads};  // this thread's local query rows
+  const int m0 = blockIdx.x * kBlockM;
+  const int64_t head_off = static_cast<int64_t>(blockIdx.y) * D;
+  const bool vec = args.vectorized != 0;
+  const int total = args.total_tokens;
+
+  for (int b = blockIdx.z; b < args.batch; b += gridDim.z) {
+    // Clamp so that even inconsistent cu_seqlens never take us outside [0, total_tokens).
+    int start = __ldg(args.cu_seqlens + b);
+    int end = __ldg(args.cu_seqlens + b + 1);
+    start = min(max(start, 0), total);
+    end = min(max(end, start), total);
+    const int len = end - start;
+    if (m0 >= len) continue;  // block-uniform: no query row of this tile exists
+    const int valid_m = min(kBlockM, len - m0);
+
+    __syncthreads();  // the previous sequence of this block is done with shared memory
+    {
+      const T* q = static_cast<const T*>(args.q) +
+                   static_cast<int64_t>(start + m0) * args.q_stride + head_off;
+      load_tile<T, D, kBlockM, Tile::kThreads>(q, args.q_stride, valid_m, args.scale_log2, vec,
+                                               q_s, kLd);
+    }
+    const T* k_seq = static_cast<const T*>(args.k) + static_cast<int64_t>(start) * args.k_stride +
+                     head_off;
+    const T* v_seq = static_cast<const T*>(args.v) + static_cast<int64_t>(start) * args.v_stride +
+                     head_off;
+
+    float o[2][4 * kChunks];
+    float m[2];
+    float l[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      m[i] = -INFINITY;
+      l[i] = 0.f;
+#pragma unroll
+      for (int c = 0; c < 4 * kChunks; ++c) o[i][c] = 0.f;
+    }
+
+    for (int n0 = 0; n0 < len; n0 += kBlockN) {
+      const int valid_n = min(kBlockN, len - n0);  // >= 1
+      __syncthreads();  // everyone is done with the previous K, V (and P) tile
+      load_tile<T, D, kBlockN, Tile::kThreads>(k_seq + static_cast<int64_t>(n0) * args.k_stride,
+                                               args.k_stride, valid_n, 1.f, vec, k_s, kLd);
+      load_tile<T, D, kBlockN, Tile::kThreads>(v_seq + static_cast<int64_t>(n0) * args.v_stride,
+                                               args.v_stride, valid_n, 1.f, vec, v_s, kLd);
+      __syncthreads();  // K, V (and on the first tile Q) are in shared memory
+
+      // S = Q K^T for rows[0..1] x keys {t, t + 4, ..., t + 4 (kKeys - 1)} (log2 domain).
+      float s[2][kKeys];
+#pragma unroll
+      for (int j = 0; j < kKeys; ++j) s[0][j] = s[1][j] = 0.f;
+      const float* q0 = q_s + rows[0] * kLd;
+      const float* q1 = q_s + rows[1] * kLd;
+      const float* kt = k_s + t * kLd;
+#pragma unroll
+      for (int d = 0; d < D; d += 4) {
+        const float4 a = *reinterpret_cast<const float4*>(q0 + d);
+        const float4 c = *reinterpret_cast<const float4*>(q1 + d);
+#pragma unroll
+        for (int j = 0; j < kKeys; ++j) {
+          const float4 kv = *reinterpret_cast<const float4*>(kt + 4 * j * kLd + d);
+          s[0][j] = fmaf(a.x, kv.x, s[0][j]);
+          s[0][j] = fmaf(a.y, kv.y, s[0][j]);
+          s[0][j] = fmaf(a.z, kv.z, s[0][j]);
+          s[0][j] = fmaf(a.w, kv.w, s[0][j]);
+          s[1][j] = fmaf(c.x, kv.x, s[1][j]);
+          s[1][j] = fmaf(c.y, kv.y, s[1][j]);
+          s[1][j] = fmaf(c.z, kv.z, s[1][j]);
+          s[1][j] = fmaf(c.w, kv.w, s[1][j]);
+        }
+      }
+      if (valid_n < kBlockN) {
+#pragma unroll
+        for (int j = 0; j < kKeys; ++j) {
+          if (4 * j + t >= valid_n) s[0][j] = s[1][j] = -INFINITY;
+        }
+      }
+
+      // Online softmax. Key 0 of the tile is valid, so each row's tile max (over the quad) is finite
+      // and m_new is finite; on the first tile m = -inf and the rescale factor exp2(-inf) = 0.
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        float mx = s[i][0];
+#pragma unroll
+        for (int j = 1; j < kKeys; ++j) mx = fmaxf(mx, s[i][j]);
+        mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 2));
+        const float m_new = fmaxf(m[i], mx);
+        const float rescale = exp2f(m[i] - m_new);
+        m[i] = m_new;
+#pragma unroll
+        for (int c = 0; c < 4 * kChunks; ++c) o[i][c] *= rescale;
+        float psum = 0.f;
+        float* prow = p_s + rows[i] * kLdP + t;
+#pragma unroll
+        for (int j = 0; j < kKeys; ++j) {
+          const float p = exp2f(s[i][j] - m_new);  // 0 for masked keys
+          psum += p;
+          prow[4 * j] = p;
+        }
+        l[i] = fmaf(l[i], rescale, psum);  // partial over this thread's keys; summed at the end
+      }
+      // A quad reads only the P rows it wrote itself, and a quad lives in one warp.
+      __syncwarp();
+
+      // O += P V over the valid keys (V rows past valid_n are zero and P is 0 there anyway).
+      const float* p0 = p_s + rows[0] * kLdP;
+      const float* p1 = p_s + rows[1] * kLdP;
+      const float* vt = v_s + 4 * t;
+#pragma unroll 2
+      for (int j = 0; j < valid_n; j += 4) {
+        const float4 pa = *reinterpret_cast<const float4*>(p0 + j);
+        const float4 pb = *reinterpret_cast<const float4*>(p1 + j);
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          const float wa = f4_get(pa, kk);
+          const float wb = f4_get(pb, kk);
+          const float* vrow = vt + (j + kk) * kLd;
+#pragma unroll
+          for (int c = 0; c < kChunks; ++c) {
+            const float4 vv = *reinterpret_cast<const float4*>(vrow + 16 * c);
+            o[0][4 * c + 0] = fmaf(wa, vv.x, o[0][4 * c + 0]);
+            o[0][4 * c + 1] = fmaf(wa, vv.y, o[0][4 * c + 1]);
+            o[0][4 * c + 2] = fmaf(wa, vv.z, o[0][4 * c + 2]);
+            o[0][4 * c + 3] = fmaf(wa, vv.w, o[0][4 * c + 3]);
+            o[1][4 * c + 0] = fmaf(wb, vv.x, o[1][4 * c + 0]);
+            o[1][4 * c + 1] = fmaf(wb, vv.y, o[1][4 * c + 1]);
+            o[1][4 * c + 2] = fmaf(wb, vv.z, o[1][4 * c + 2]);
+            o[1][4 * c + 3] = fmaf(wb, vv.w, o[1][4 * c + 3]);
+          }
+        }
+      }
+      // The __syncthreads at the top of the next tile orders these P and V reads before the rewrites.
+    }
+
+    // Full softmax denominators (every lane takes part in the shuffles), then O / l for own rows.
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      l[i] += __shfl_xor_sync(kFull, l[i], 1);
+      l[i] += __shfl_xor_sync(kFull, l[i], 2);
+    }
+    T* out = static_cast<T*>(args.out) + static_cast<int64_t>(start + m0) * args.o_stride +
+             head_off + 4 * t;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      if (rows[i] < valid_m) {
+        const float inv = 1.f / l[i];  // l >= 1: the row max contributes exp2(0)
+        T* dst = out + static_cast<int64_t>(rows[i]) * args.o_stride;
+#pragma unroll
+        for (int c = 0; c < kChunks; ++c) {
+          store4(dst + 16 * c, o[i][4 * c] * inv, o[i][4 * c + 1] * inv, o[i][4 * c + 2] * inv,
+                 o[i][4 * c + 3] * inv, vec);
+        }
+      }
+    }
+  }
+}
+
+thread_local std::string g_last_error;
+
+cudaError_t fail(cudaError_t code, const std::string& message) {
+  g_last_error = message;
+  return code;
+}
+
+cudaError_t invalid(const std::string& message) { return fail(cudaErrorInvalidValue, message); }
+
+std::string cuda_error_text(cudaError_t err) {
+  return std::string(cudaGetErrorName(err)) + " (" + cudaGetErrorString(err) + ")";
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+template <typename T, int D>
+cudaError_t launch_varlen(const EetVarlenAttentionParams& p, cudaStream_t stream) {
+  using Tile = VarlenTile<D>;
+  constexpr size_t kSmem = Tile::kSmemBytes;
+  const auto kernel = varlen_attention_kernel<T, D>;
+
+  if (kSmem > 48 * 1024) {
+    // Opt in to more than 48 KB of dynamic shared memory, once per device.
+    static std::atomic<uint64_t> configured_devices{0};
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) return fail(err, "cudaGetDevice failed: " + cuda_error_text(err));
+    const uint64_t bit = (device >= 0 && device < 64) ? (uint64_t{1} << device) : 0;
+    if (bit == 0 || (configured_devices.load(std::memory_order_relaxed) & bit) == 0) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(kSmem));
+      if (err != cudaSuccess) {
+        return fail(err, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize, " +
+                             std::to_string(kSmem) + ") failed for head_dim " +
+                             std::to_string(D) + ": " + cuda_error_text(err));
+      }
+      configured_devices.fetch_or(bit, std::memory_order_relaxed);
+    }
+  }
+
+  VarlenArgs a;
+  a.q = p.q;
+  a.k = p.k;
+  a.v = p.v;
+  a.out = p.out;
+  a.cu_seqlens = p.cu_seqlens;
+  a.q_stride = p.q_row_stride;
+  a.k_stride = p.k_row_stride;
+  a.v_stride = p.v_row_stride;
+  a.o_stride = p.out_row_stride;
+  a.batch = p.batch;
+  a.total_tokens = p.total_tokens;
+  a.scale_log2 = p.scale * 1.4426950408889634f;
+  constexpr int64_t kVecElems = VecTraits<T>::kElems;
+  a.vectorized = aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && aligned16(p.out) &&
+                 p.q_row_stride % kVecElems == 0 && p.k_row_stride % kVecElems == 0 &&
+                 p.v_row_stride % kVecElems == 0 && p.out_row_stride % kVecElems == 0;
+
+  // No sequence is longer than total_tokens, so the grid need not cover more query rows than that.
+  const int64_t rows = p.max_seqlen < p.total_tokens ? p.max_seqlen : p.total_tokens;
+  const dim3 grid(static_cast<unsigned>((rows + Tile::kBlockM - 1) / Tile::kBlockM),
+                  static_cast<unsigned>(p.num_heads),
+                  static_cast<unsigned>(p.batch < 65535 ? p.batch : 65535));
+  kernel<<<grid, Tile::kThreads, kSmem, stream>>>(a);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    return fail(err, "kernel launch failed (dtype " + varlen_dtype_name(p.dtype) + ", head_dim " +
+                         std::to_string(D) + "): " + cuda_error_text(err) +
+                         "; this library holds code for CUDA architectures " +
+                         EET_CUDA_ARCHITECTURES_STR);
+  }
+  return cudaSuccess;
+}
+
+// Checks everything without touching the CUDA runtime, so that it is safe without a GPU.
+// Order: dtype/head_dim, sizes, strides; total_tokens == 0 then succeeds (pointers may be NULL
+// for empty tensors); then the pointers.
+cudaError_t validate(const EetVarlenAttentionParams& p, bool* nothing_to_do) {
+  *nothing_to_do = false;
+  if (!varlen_dtype_known(p.dtype)) {
+    return invalid("dtype " + std::to_string(p.dtype) +
+                   " is not supported (supported dtypes: " + varlen_supported_dtypes() + ")");
+  }
+  if (!dispatch_varlen(p.dtype, p.head_dim, [](auto) {})) {
+    return invalid("head_dim " + std::to_string(p.head_dim) + " is not supported for dtype " +
+                   varlen_dtype_name(p.dtype) + " (supported head_dim: " +
+                   varlen_supported_head_dims(p.dtype) + ")");
+  }
+  if (p.batch < 1) return invalid("batch must be >= 1, got " + std::to_string(p.batch));
+  if (p.num_heads < 1) {
+    return invalid("num_heads must be >= 1, got " + std::to_string(p.num_heads));
+  }
+  if (p.num_heads > 65535) {
+    return invalid("num_heads must be <= 65535 (one grid dimension), got " +
+                   std::to_string(p.num_heads));
+  }
+  if (p.max_seqlen < 1) {
+    return invalid("max_seqlen must be >= 1, got " + std::to_string(p.max_seqlen));
+  }
+  if (p.total_tokens < 0) {
+    return invalid("total_tokens must be >= 0, got " + std::to_string(p.total_tokens));
+  }
+  if (!std::isfinite(p.scale)) {
+    return invalid("scale must be finite, got " + std::to_string(p.scale));
+  }
+  const int64_t row = static_cast<int64_t>(p.num_heads) * p.head_dim;
+  const struct {
+    const char* name;
+    int64_t value;
+  } strides[] = {{"q_row_stride", p.q_row_stride},
+                 {"k_row_stride", p.k_row_stride},
+                 {"v_row_stride", p.v_row_stride},
+                 {"out_row_stride", p.out_row_stride}};
+  for (const auto& s : strides) {
+    if (s.value < row) {
+      return invalid(std::string(s.name) + " (" + std::to_string(s.value) +
+                     " elements) must be >= num_heads * head_dim (" + std::to_string(row) + ")");
+    }
+  }
+  if (p.total_tokens == 0) {
+    *nothing_to_do = true;
+    return cudaSuccess;
+  }
+  const struct {
+    const char* name;
+    const void* ptr;
+  } pointers[] = {{"q", p.q},
+                  {"k", p.k},
+                  {"v", p.v},
+                  {"out", p.out},
+                  {"cu_seqlens", p.cu_seqlens}};
+  for (const auto& ptr : pointers) {
+    if (ptr.ptr == nullptr) {
+      return invalid(std::string(ptr.name) + " is NULL (total_tokens = " +
+                     std::to_string(p.total_tokens) + ")");
+    }
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+}  // namespace eet
+
+// Every call resets this thread's message; a call that fails sets it (for launch failures too, not
+// only cudaErrorInvalidValue), so after a failing call eet_last_error_message() describes that call.
+extern "C" cudaError_t eet_varlen_attention(const EetVarlenAttentionParams* params,
+                                            cudaStream_t stream) {
+  try {
+    eet::g_last_error.clear();
+    if (params == nullptr) return eet::invalid("params is NULL");
+    const EetVarlenAttentionParams p = *params;
+    bool nothing_to_do = false;
+    cudaError_t err = eet::validate(p, &nothing_to_do);
+    if (err != cudaSuccess || nothing_to_do) return err;
+    err = cudaErrorInvalidValue;  // unreachable: validate() checked the pair against the same table
+    eet::dispatch_varlen(p.dtype, p.head_dim, [&](auto instance) {
+      using Instance = decltype(instance);
+      err = eet::launch_varlen<typename Instance::Element, Instance::kHeadDim>(p, stream);
+    });
+    return err;
+  } catch (...) {  // std::string allocation failed: no exception may cross the C ABI
+    try {
+      eet::g_last_error = "out of host memory";
+    } catch (...) {
+    }
+    return cudaErrorMemoryAllocation;
+  }
+}
+
+extern "C" int eet_varlen_attention_supported(int32_t dtype, int32_t head_dim) {
+  return eet::dispatch_varlen(dtype, head_dim, [](auto) {}) ? 1 : 0;
+}
+
+extern "C" const char* eet_last_error_message(void) { return eet::g_last_error.c_str(); }
+
+extern "C" int32_t eet_abi_version(void) { return 1; }

@@ -1,0 +1,189 @@
+"""TensorRT ``IPluginV3`` adapters of the EET plugins, driven by their specs.
+
+``register()`` adds one creator per plugin to TensorRT's registry under namespace ``eet``; TensorRT's ONNX
+parser then turns every node of op_type = plugin name and domain ``eet`` into a plugin layer. ``enqueue``
+calls the CUDA library (``libeet_kernels.so``) through its C ABI, so it is only needed on a GPU; building an
+engine never calls it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from eet import trt as trt_compat
+from eet.plugins.spec import HEAD_DIMS, VARLEN_ATTENTION, PluginSpec
+
+_DTYPES = {"float32": "FLOAT", "float16": "HALF", "int32": "INT32"}
+_KEEP: list = []  # creators must outlive their registration
+CREATE_ERRORS: list[str] = []
+"""Why create_plugin() failed, newest last: TensorRT's parser only reports "Could not create the plugin"."""
+
+
+def _field_type(trt, kind: str):
+    return {"int": trt.PluginFieldType.INT32, "float": trt.PluginFieldType.FLOAT32,
+            "string": trt.PluginFieldType.CHAR}[kind]
+
+
+def _field_array(kind: str, value) -> np.ndarray:
+    if kind == "int":
+        return np.array([value], dtype=np.int32)
+    if kind == "float":
+        return np.array([value], dtype=np.float32)
+    return np.frombuffer(str(value).encode() + b"\0", dtype=np.int8).copy()
+
+
+def make_classes(trt):
+    """The plugin and creator classes for one TensorRT module (``tensorrt`` or ``tensorrt_rtx``)."""
+
+    class _SpecPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
+        """Everything but ``enqueue``: I/O types and shapes, attributes and serialization, from ``SPEC``."""
+
+        SPEC: PluginSpec
+
+        def __init__(self, attrs: dict):
+            # all four base initializers must run before any attribute is set
+            trt.IPluginV3.__init__(self)
+            trt.IPluginV3OneCore.__init__(self)
+            trt.IPluginV3OneBuild.__init__(self)
+            trt.IPluginV3OneRuntime.__init__(self)
+            spec = self.SPEC
+            self.plugin_name = spec.name
+            self.plugin_namespace = spec.namespace
+            self.plugin_version = spec.version
+            self.num_outputs = len(spec.outputs)
+            self.timing_cache_id = ""
+            self.attrs = spec.check_attrs(attrs)
+            self._serialized = None
+
+        # --- core ---
+        def get_capability_interface(self, capability_type):
+            return self
+
+        def clone(self):
+            return type(self)(self.attrs)
+
+        def get_fields_to_serialize(self):
+            # PluginField does not keep its array alive: hold the arrays on self
+            arrays = [(a.name, a.kind, _field_array(a.kind, self.attrs[a.name])) for a in self.SPEC.attributes]
+            self._serialized = arrays
+            return trt.PluginFieldCollection(
+                [trt.PluginField(n, arr, _field_type(trt, kind)) for n, kind, arr in arrays])
+
+        # --- build ---
+        def get_output_data_types(self, input_types):
+            return [input_types[o.like] for o in self.SPEC.outputs]
+
+        def get_output_shapes(self, inputs, shape_inputs, expr_builder):
+            return [trt.DimsExprs(inputs[o.like]) for o in self.SPEC.outputs]
+
+        def supports_format_combination(self, pos, in_out, num_inputs):
+            desc = in_out[pos].desc
+            if desc.format != trt.TensorFormat.LINEAR:
+                return False
+            tensor = (self.SPEC.inputs + self.SPEC.outputs)[pos]
+            if tensor.like is not None:
+                return desc.type == in_out[tensor.like].desc.type
+            return any(desc.type == getattr(trt.DataType, _DTYPES[d]) for d in tensor.dtypes)
+
+        def configure_plugin(self, inputs, outputs):
+            pass
+
+        def get_workspace_size(self, inputs, outputs):
+            return 0
+
+        def get_valid_tactics(self):
+            return []
+
+        def set_tactic(self, tactic):
+            pass
+
+        # --- runtime ---
+        def attach_to_context(self, context):
+            return self.clone()
+
+    class VarlenAttentionPlugin(_SpecPlugin):
+        """``EetVarlenAttention``: inputs query, key, value [..., T, hidden], cu_seqlens [B+1] int32,
+        max_seqlen carrier [S]; output [..., T, hidden]."""
+
+        SPEC = VARLEN_ATTENTION
+
+        def __init__(self, attrs: dict):
+            super().__init__(attrs)
+            if self.attrs["head_dim"] not in HEAD_DIMS:
+                raise ValueError(f"EetVarlenAttention: head_dim {self.attrs['head_dim']} is not supported "
+                                 f"(supported: {HEAD_DIMS})")
+            self._params = None
+            self._lib = None
+
+        def on_shape_change(self, inputs, outputs):
+            from eet.plugins import _lib
+
+            q = inputs[0]
+            dims = tuple(q.dims)
+            hidden = self.attrs["num_heads"] * self.attrs["head_dim"]
+            if dims[-1] != hidden:
+                raise ValueError(f"EetVarlenAttention: query's last axis is {dims[-1]}, expected "
+                                 f"num_heads * head_dim = {hidden}")
+            self._lib = _lib
+            self._params = _lib.make_varlen_params(
+                dtype=_lib.DTYPE_FP16 if q.type == trt.DataType.HALF else _lib.DTYPE_FP32,
+                num_heads=self.attrs["num_heads"], head_dim=self.attrs["head_dim"], scale=self.attrs["scale"],
+                batch=int(inputs[3].dims[0]) - 1, max_seqlen=int(inputs[4].dims[0]),
+                total_tokens=int(np.prod(dims[:-1])))
+
+        def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
+            p = self._params
+            p.q, p.k, p.v, p.cu_seqlens = inputs[0], inputs[1], inputs[2], inputs[3]
+            p.out = outputs[0]
+            self._lib.varlen_attention(p, stream)
+
+    def creator_class(plugin_cls):
+        spec = plugin_cls.SPEC
+
+        class Creator(trt.IPluginCreatorV3One):
+            def __init__(self):
+                trt.IPluginCreatorV3One.__init__(self)
+                self.name = spec.name
+                self.plugin_namespace = spec.namespace
+                self.plugin_version = spec.version
+                self._empty = [np.array([], dtype=np.int32) for _ in spec.attributes]
+                self.field_names = trt.PluginFieldCollection(
+                    [trt.PluginField(a.name, arr, _field_type(trt, a.kind))
+                     for a, arr in zip(spec.attributes, self._empty)])
+
+            def create_plugin(self, name, fc, phase):
+                try:
+                    fields = {f.name: np.asarray(f.data) for f in fc}
+                    return plugin_cls(spec.decode_fields(fields))
+                except Exception as exc:
+                    CREATE_ERRORS.append(f"node {name!r}: {exc}")
+                    raise
+
+        Creator.__name__ = f"{spec.name}Creator"
+        return Creator
+
+    plugins = (VarlenAttentionPlugin,)
+    return {cls.SPEC.name: (cls, creator_class(cls)) for cls in plugins}
+
+
+def register(trt=None) -> list[str]:
+    """Register every EET plugin creator with TensorRT's plugin registry (idempotent).
+
+    Args:
+        trt: a :class:`eet.trt.TensorRT`; default :func:`eet.trt.load`.
+
+    Returns:
+        the registered plugin names.
+    """
+    trt = trt or trt_compat.load()
+    module = trt.module
+    registry = module.get_plugin_registry()
+    names = []
+    for name, (plugin_cls, creator_cls) in make_classes(module).items():
+        spec = plugin_cls.SPEC
+        if registry.get_creator(spec.name, spec.version, spec.namespace) is None:
+            creator = creator_cls()
+            _KEEP.append(creator)
+            if not registry.register_creator(creator, spec.namespace):
+                raise RuntimeError(f"TensorRT refused to register the plugin creator {spec.name}")
+        names.append(name)
+    return names

@@ -1,0 +1,79 @@
+"""Shared fixtures: small random BERTs exported once per session in each export form."""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+# GPU runs only: TensorRT-RTX 1.7 refuses to deserialize plans on compute capability 9.0 (H100/H200). The test
+# shim (../shared/device/cc-shim, see its cc_shim.py) stands in for libcuda and can report a listed capability
+# while a plan is deserialized. It must load before anything initializes CUDA, hence here. The product never
+# loads it; tests pass it to eet through deserialization hooks.
+CC_SHIM = None
+if os.environ.get("EET_CC_SHIM"):
+    sys.path.insert(0, os.environ["EET_CC_SHIM"])
+    import cc_shim as CC_SHIM  # noqa: N812
+
+    CC_SHIM.load()
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.fixture(scope="session")
+def deserialize_hook():
+    """A context manager factory to wrap plan deserialization (the shim's faked capability, or nothing)."""
+    import contextlib
+
+    return CC_SHIM.faked_capability if CC_SHIM is not None else contextlib.nullcontext
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """A 2-layer BERT (hidden 128, 2 heads of 64, 1000-token vocabulary): exports in seconds. Weights drawn
+    5x wider than BERT's init so that attention is peaked, not near-uniform (a wrong scale or mask shows)."""
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=256, max_position_embeddings=128, initializer_range=0.1)
+
+
+@pytest.fixture(scope="session")
+def tiny_config_file(tmp_path_factory, tiny_config):
+    path = tmp_path_factory.mktemp("cfg") / "config.json"
+    path.write_text(tiny_config.to_json_string())
+    return path
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, tiny_config_file):
+    """form -> (LoadedBert, path of its ONNX export), exported on first use."""
+    from eet.exporter import bert
+
+    cache = {}
+
+    def get(form: str):
+        if form not in cache:
+            impl, _ = bert.EXPORT_FORMS[form]
+            loaded = bert.load_bert(config=str(tiny_config_file), attn_implementation=impl, seed=1)
+            path = tmp_path_factory.mktemp(f"export-{form}") / "original.onnx"
+            bert.export_onnx(loaded, path, form)
+            cache[form] = (loaded, path)
+        return cache[form]
+
+    return get
+
+
+@pytest.fixture
+def rng():
+    """Fresh randomness every run; the seed is printed so a failure can be replayed."""
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    print(f"seed {seed}")
+    return np.random.default_rng(seed)

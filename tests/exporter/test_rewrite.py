@@ -1,0 +1,101 @@
+"""The rewriter on every export form: one plugin per layer, no attention left, and the rewritten graph
+(with plugin references) computes what ONNX Runtime computes on the original export."""
+import numpy as np
+import onnx
+import pytest
+
+from eet.commands.check import ragged_batch
+from eet.errors import EetError
+from eet.exporter import rewrite
+from eet.plugins import onnx_reference
+
+FORMS = ["eager", "sdpa", "onnx-attention"]
+
+
+def run_both(path, model, rb):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (ref,) = sess.run(None, {"input_ids": rb.ids, "attention_mask": rb.mask, "token_type_ids": rb.token_types,
+                             "position_ids": rb.positions})
+    hidden, first = onnx_reference.evaluator(model).run(None, rb.packed_feeds())
+    return ref, hidden.astype(np.float64), first.astype(np.float64)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_every_layer_rewritten(exported, form):
+    loaded, path = exported(form)
+    model = rewrite.rewrite_bert(onnx.load(str(path)), num_layers=2, num_heads=2, head_dim=64)
+    ops = [n.op_type for n in model.graph.node]
+    assert rewrite.count_plugin_nodes(model) == 2
+    assert "Softmax" not in ops and "Attention" not in ops
+    # every MatMul left is a GEMM against weights: none multiplies two activations (Q K^T or P V)
+    weights = {i.name for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "MatMul":
+            assert node.input[1] in weights, f"activation x activation MatMul left: {node.name}"
+    assert [i.name for i in model.graph.input] == ["input_ids", "token_type_ids", "position_ids", "cu_seqlens",
+                                                   "max_seqlen"]
+    assert [o.name for o in model.graph.output] == ["hidden_states", "first_token_states"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_rewritten_matches_onnxruntime_fp32(exported, form, rng):
+    loaded, path = exported(form)
+    model = rewrite.rewrite_bert(onnx.load(str(path)), num_layers=2, num_heads=2, head_dim=64)
+    rb = ragged_batch(rng, batch=5, max_len=40, vocab=1000)
+    ref, hidden, first = run_both(path, model, rb)
+    # fp32 throughout; the padded run and the packed run differ only in summation order
+    np.testing.assert_allclose(hidden, rb.unpad(ref), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(first, ref[:, 0], atol=1e-4, rtol=1e-4)
+
+
+def test_rewritten_fp16_keeps_layernorm_fp32(exported, rng):
+    loaded, path = exported("sdpa")
+    model = rewrite.rewrite_bert(onnx.load(str(path)), num_layers=2, num_heads=2, head_dim=64, dtype="fp16")
+    producers = {o: n for n in model.graph.node for o in n.output}
+    layernorms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
+    assert len(layernorms) == 5
+    for node in layernorms:
+        cast = producers[node.input[0]]
+        assert cast.op_type == "Cast" and cast.attribute[0].i == onnx.TensorProto.FLOAT
+    assert {o.type.tensor_type.elem_type for o in model.graph.output} == {onnx.TensorProto.FLOAT16}
+    rb = ragged_batch(rng, batch=4, max_len=32, vocab=1000)
+    ref, hidden, first = run_both(path, model, rb)
+    # fp16 GEMMs and GELU between fp32 LayerNorms: errors of a few 1e-3 on unit-variance states
+    np.testing.assert_allclose(hidden, rb.unpad(ref), atol=2e-2, rtol=2e-2)
+    np.testing.assert_allclose(first, ref[:, 0], atol=2e-2, rtol=2e-2)
+
+
+def _break_layer(model, layer):
+    """Put a Relu between the scores and Softmax of one layer: a form the rewriter does not know."""
+    softmaxes = [n for n in model.graph.node if n.op_type == "Softmax"]
+    node = softmaxes[layer]
+    relu = onnx.helper.make_node("Relu", [node.input[0]], [node.input[0] + "_relu"], name="odd_relu")
+    node.input[0] = relu.output[0]
+    model.graph.node.insert(list(model.graph.node).index(node), relu)
+    return model
+
+
+def test_unmatched_layer_is_named(exported):
+    loaded, path = exported("eager")
+    model = _break_layer(onnx.load(str(path)), 1)
+    with pytest.raises(EetError, match=r"layer 1 .*Relu"):
+        rewrite.rewrite_bert(model, num_layers=2, num_heads=2, head_dim=64)
+
+
+def test_layer_count_mismatch(exported):
+    loaded, path = exported("sdpa")
+    with pytest.raises(EetError, match="found 2 attention subgraphs .* 3 layers"):
+        rewrite.rewrite_bert(onnx.load(str(path)), num_layers=3, num_heads=2, head_dim=64)
+
+
+def test_scale_is_recovered(exported):
+    """sqrt(scale) on Q and on K (SDPA), scale on scores (eager), scale attribute (Attention op)."""
+    for form in FORMS:
+        loaded, path = exported(form)
+        model = rewrite.rewrite_bert(onnx.load(str(path)), num_layers=2, num_heads=2, head_dim=64)
+        for node in model.graph.node:
+            if node.op_type == "EetVarlenAttention":
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+                assert attrs["scale"] == pytest.approx(0.125, rel=1e-6), form

@@ -1,0 +1,91 @@
+"""Engine building on the CPU with TensorRT-RTX (or TensorRT) and the sidecar's validation."""
+import json
+
+import onnx
+import pytest
+
+from eet.errors import EetError
+from eet.runtime import sidecar
+
+
+@pytest.fixture(scope="module")
+def rewritten(exported, tmp_path_factory):
+    from eet.exporter.rewrite import rewrite_bert
+
+    loaded, path = exported("sdpa")
+    out = tmp_path_factory.mktemp("rw") / "model.onnx"
+    onnx.save(rewrite_bert(onnx.load(str(path)), num_layers=2, num_heads=2, head_dim=64, dtype="fp16"), str(out))
+    return out
+
+
+def test_build_has_plugin_layers_and_profile(rewritten):
+    pytest.importorskip("eet.trt").load()
+    from eet.commands.build import BertBuildOptions, bert_profiles
+    from eet.runtime.build import build_engine
+
+    profiles = bert_profiles(BertBuildOptions(max_batch=4, max_tokens=256, max_seq=64))
+    built = build_engine(rewritten, profiles)
+    assert built.plugin_layers == {"EetVarlenAttention": 2}
+    assert len(built.plan) > 100_000 and built.plan.count(b"EetVarlenAttention") >= 2
+    assert {i["name"]: i["dtype"] for i in built.inputs}["cu_seqlens"] == "int32"
+    assert {o["name"]: o["dtype"] for o in built.outputs} == {"hidden_states": "half", "first_token_states": "half"}
+
+
+def test_profile_errors(rewritten):
+    pytest.importorskip("eet.trt").load()
+    from eet.runtime.build import Profile, build_engine
+
+    with pytest.raises(EetError, match="dynamic inputs without shapes"):
+        build_engine(rewritten, [Profile("p", {"input_ids": ((1,), (2,), (3,))})])
+
+
+def test_parser_rejects_unsupported_head_dim(tmp_path):
+    """A plugin node with a head size the kernels lack fails at parse time, naming it."""
+    trt = pytest.importorskip("eet.trt").load()
+    from onnx import TensorProto, helper
+
+    from eet.runtime.build import Profile, build_engine
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["t", 96])
+    cu = helper.make_tensor_value_info("cu", TensorProto.INT32, ["b"])
+    s = helper.make_tensor_value_info("s", TensorProto.INT32, ["s"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["t", 96])
+    node = helper.make_node("EetVarlenAttention", ["x", "x", "x", "cu", "s"], ["y"], domain="eet", num_heads=2,
+                            head_dim=48, scale=0.1, plugin_version="1", plugin_namespace="eet")
+    model = helper.make_model(helper.make_graph([node], "g", [x, cu, s], [y]),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("eet", 1)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    shapes = {"x": ((1, 96), (8, 96), (16, 96)), "cu": ((2,), (3,), (5,)), "s": ((1,), (8,), (16,))}
+    with pytest.raises(Exception, match="head_dim 48"):
+        build_engine(tmp_path / "m.onnx", [Profile("p", shapes)])
+    assert trt.flavour in ("tensorrt", "tensorrt_rtx")
+
+
+def _write(tmp_path, plan=b"plan-bytes", **changes):
+    (tmp_path / "engine.plan").write_bytes(plan)
+    data = {"family": "bert", "model": {}, "dtype": "fp16", "io": {}, "profiles": [], "plugins": [],
+            "tensorrt": {}, "build": {}, "files": {"plan": "engine.plan"},
+            "plan_sha256": sidecar.sha256_file(tmp_path / "engine.plan")}
+    data.update(changes)
+    sidecar.write(tmp_path, data)
+
+
+def test_sidecar_roundtrip_and_errors(tmp_path):
+    with pytest.raises(EetError, match="no engine.json"):
+        sidecar.read(tmp_path)
+    _write(tmp_path)
+    assert sidecar.read(tmp_path)["family"] == "bert"
+    (tmp_path / "engine.plan").write_bytes(b"other-bytes")
+    with pytest.raises(EetError, match="does not match its sidecar"):
+        sidecar.read(tmp_path)
+    (tmp_path / "engine.plan").unlink()
+    with pytest.raises(EetError, match="engine.plan is missing"):
+        sidecar.read(tmp_path)
+    data = json.loads((tmp_path / "engine.json").read_text())
+    data["schema"] = "something/else"
+    (tmp_path / "engine.json").write_text(json.dumps(data))
+    with pytest.raises(EetError, match="schema"):
+        sidecar.read(tmp_path)
+    (tmp_path / "engine.json").write_text("{not json")
+    with pytest.raises(EetError, match="not valid JSON"):
+        sidecar.read(tmp_path)
