@@ -13,7 +13,7 @@ from eet import trt as trt_compat
 from eet.plugins.spec import HEAD_DIMS, VARLEN_ATTENTION, PluginSpec
 
 _DTYPES = {"float32": "FLOAT", "float16": "HALF", "int32": "INT32"}
-_KEEP: list = []  # creators must outlive their registration
+_REGISTERED: dict[tuple[int, str], object] = {}  # (id of the TensorRT module, plugin) -> its creator, kept alive
 CREATE_ERRORS: list[str] = []
 """Why create_plugin() failed, newest last: TensorRT's parser only reports "Could not create the plugin"."""
 
@@ -178,12 +178,10 @@ def register(trt=None) -> list[str]:
     module = trt.module
     registry = module.get_plugin_registry()
     names = []
-    for name, (plugin_cls, creator_cls) in make_classes(module).items():
-        spec = plugin_cls.SPEC
-        if registry.get_creator(spec.name, spec.version, spec.namespace) is None:
+    if not any(key[0] == id(module) for key in _REGISTERED):
+        for name, (plugin_cls, creator_cls) in make_classes(module).items():
             creator = creator_cls()
-            _KEEP.append(creator)
-            if not registry.register_creator(creator, spec.namespace):
-                raise RuntimeError(f"TensorRT refused to register the plugin creator {spec.name}")
-        names.append(name)
-    return names
+            if not registry.register_creator(creator, plugin_cls.SPEC.namespace):
+                raise RuntimeError(f"TensorRT refused to register the plugin creator {name}")
+            _REGISTERED[(id(module), name)] = creator
+    return [name for key_module, name in _REGISTERED if key_module == id(module)]

@@ -16,8 +16,15 @@ pytestmark = pytest.mark.gpu
 if not cuda_available():
     pytest.skip("needs an NVIDIA GPU", allow_module_level=True)
 
-# (atol, rtol) against ONNX Runtime fp32 (fp32 engines are built without TF32).
-TOLERANCES = {"fp32": (1e-3, 1e-3), "fp16": (2e-2, 2e-2)}
+# The bound is relative to what PyTorch itself gets in the same precision on the same GPU, both measured
+# against ONNX Runtime fp32 on the CPU: engine error <= RATIO x PyTorch's error + FLOOR.
+# fp32 engines are compared with Hugging Face fp32 with TF32 matmuls: TensorRT-RTX 1.7 runs fp32 GEMMs in
+# TF32 whatever the TF32 builder flag says (scripts/trt_gemm_precision.py, H100: relative error 2.9e-4 on a
+# 2048x512x512 MatMul with the flag cleared and with it set). fp16 engines are compared with Hugging Face
+# fp16, and TensorRT-RTX's fp16 GEMMs are less accurate than PyTorch's (same script: a 2048x2048x512 fp16
+# MatMul has relative error 1.7e-3 against torch's 2.1e-4, as with fp16 accumulation), which puts the
+# engine's error at 1.4x-3.2x PyTorch fp16's on these models (fp32: 0.9x-1.0x; H100, 2026-11-26).
+RATIO, FLOOR = {"fp32": 1.5, "fp16": 4.0}, 1e-3
 CONFIGS = {
     "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256),
     # the issue's "other sizes": 4 layers, 8 heads, hidden 512
@@ -25,6 +32,28 @@ CONFIGS = {
     # all-MiniLM-L6-v2's shape (head size 32), random weights
     "minilm-shape": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
 }
+
+
+def torch_error(config_path, rb, dtype, want):
+    """Max abs error of Hugging Face PyTorch on this GPU in ``dtype`` against ONNX Runtime's ``want``."""
+    import torch
+
+    from eet.exporter.bert import load_bert, set_attention
+
+    model = load_bert(config=config_path, seed=0).model.cuda()  # the weights `eet build` drew
+    set_attention(model, "sdpa")
+    if dtype == "fp16":
+        model = model.half()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = dtype == "fp32"
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.from_numpy(rb.ids).cuda(), attention_mask=torch.from_numpy(rb.mask).cuda(),
+                        token_type_ids=torch.from_numpy(rb.token_types).cuda(),
+                        position_ids=torch.from_numpy(rb.positions).cuda()).last_hidden_state
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return float(np.abs(rb.unpad(out.float().cpu().numpy()).astype(np.float64) - want).max())
 
 
 def build_on_cpu_path(tmp_path, name, dtype):
@@ -63,14 +92,15 @@ def test_plan_matches_onnxruntime(tmp_path, name, dtype, deserialize_hook, rng):
     with TrtRunner(engine) as runner:
         outputs = runner.infer(rb.packed_feeds(max_seqlen=int(rb.lengths.max())))
         outputs2 = runner.infer(rb.packed_feeds(max_seqlen=512))  # a larger carrier changes nothing
-    atol, rtol = TOLERANCES[dtype]
     hidden = np.asarray(outputs["hidden_states"], dtype=np.float64)
     first = np.asarray(outputs["first_token_states"], dtype=np.float64)
-    want_h, want_f = rb.unpad(ref), ref[:, 0]
+    want_h, want_f = rb.unpad(ref).astype(np.float64), ref[:, 0].astype(np.float64)
     err_h, err_f = np.abs(hidden - want_h).max(), np.abs(first - want_f).max()
-    print(f"{name} {dtype}: lengths {rb.lengths.tolist()} ({rb.lengths.sum()} tokens); max abs error "
-          f"hidden_states {err_h:.3e}, first_token_states {err_f:.3e} (atol {atol}, rtol {rtol})")
-    assert np.isfinite(hidden).all()
-    np.testing.assert_allclose(hidden, want_h, atol=atol, rtol=rtol)
-    np.testing.assert_allclose(first, want_f, atol=atol, rtol=rtol)
+    err_torch = torch_error(tmp_path / "config.json", rb, dtype, want_h)
+    bound = RATIO[dtype] * err_torch + FLOOR
+    print(f"{name} {dtype}: lengths {rb.lengths.tolist()} ({rb.lengths.sum()} tokens); max abs error vs "
+          f"ONNX Runtime fp32: engine hidden_states {err_h:.3e}, first_token_states {err_f:.3e}; PyTorch "
+          f"{dtype}{' (TF32)' if dtype == 'fp32' else ''} {err_torch:.3e}; bound {bound:.3e}")
+    assert np.isfinite(hidden).all() and np.isfinite(first).all()
+    assert err_h <= bound and err_f <= bound
     np.testing.assert_array_equal(np.asarray(outputs2["hidden_states"]), np.asarray(outputs["hidden_states"]))
