@@ -177,7 +177,6 @@ def register(trt=None) -> list[str]:
     trt = trt or trt_compat.load()
     module = trt.module
     registry = module.get_plugin_registry()
-    names = []
     if not any(key[0] == id(module) for key in _REGISTERED):
         for name, (plugin_cls, creator_cls) in make_classes(module).items():
             creator = creator_cls()

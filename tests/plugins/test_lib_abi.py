@@ -9,8 +9,6 @@ a GPU or driver.
 from __future__ import annotations
 
 import ctypes
-import importlib
-import importlib.util
 import os
 import re
 import shutil
@@ -23,19 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 HEADER = REPO / "plugins" / "csrc" / "eet_attention.h"
 
 
-def _import_lib():
-    """eet.plugins._lib when the package is importable, else plugins/_lib.py of this checkout."""
-    try:
-        return importlib.import_module("eet.plugins._lib")
-    except ImportError:
-        path = REPO / "plugins" / "_lib.py"
-        spec = importlib.util.spec_from_file_location("_eet_plugins_lib_from_checkout", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-
-_lib = _import_lib()
+from eet.plugins import _lib  # noqa: E402
 
 SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128)
 

@@ -10,13 +10,10 @@ assertion message. Set EET_TEST_SEED=<n> to replay a run.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 import os
 import random
 import zlib
-from pathlib import Path
 
 import pytest
 
@@ -28,22 +25,9 @@ import torch.nn.functional as F  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
-REPO = Path(__file__).resolve().parents[2]
 
 
-def _import_lib():
-    """eet.plugins._lib when the package is importable, else plugins/_lib.py of this checkout."""
-    try:
-        return importlib.import_module("eet.plugins._lib")
-    except ImportError:
-        path = REPO / "plugins" / "_lib.py"
-        spec = importlib.util.spec_from_file_location("_eet_plugins_lib_from_checkout", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-
-_lib = _import_lib()
+from eet.plugins import _lib  # noqa: E402
 
 SEED = int(os.environ.get("EET_TEST_SEED") or random.SystemRandom().randrange(2**31))
 HEAD_DIMS = (32, 64, 80, 96, 128)
