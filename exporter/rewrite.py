@@ -22,13 +22,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from eet.errors import EetError
-from eet.plugins.spec import VARLEN_ATTENTION
+from eet.plugins.spec import PREPAD_ATTENTION, VARLEN_ATTENTION
 
 LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity")
 CU_SEQLENS = "cu_seqlens"
 MAX_SEQLEN = "max_seqlen"
 PACKED_INPUTS = ("input_ids", "token_type_ids", "position_ids")
 MASK_INPUT = "attention_mask"
+PAD_LENGTHS = "pad_lengths"
+STEP = "step"
+NEXT_TOKEN_OUTPUT = "next_token"
+LOGITS_OUTPUT = "logits"
 HIDDEN_OUTPUT = "hidden_states"
 FIRST_TOKEN_OUTPUT = "first_token_states"
 
@@ -149,8 +153,10 @@ def module_scopes(model) -> dict[str, str]:
 
 def layer_label(node, index: int, scopes: dict[str, str] | None = None) -> str:
     """A human name for the attention at position ``index``: the layer the exporter recorded
-    (e.g. ``layer 3 (encoder.layer.3.attention)``) when it did, plus the node name."""
-    found = re.findall(r"([\w.]*layer\.(\d+)\.attention)\b", (scopes or {}).get(node.name, ""))
+    (e.g. ``layer 3 (m.encoder.layer.3.attention)``) when it did, plus the node name."""
+    # BERT: encoder.layer.3.attention; GPT-2: transformer.h.3.attn
+    found = re.findall(r"([\w.]*?\b(?:layer|layers|h|block)\.(\d+)\.(?:attention|attn))\b",
+                       (scopes or {}).get(node.name, ""))
     where = f"layer {found[0][1]} ({found[0][0]})" if found else f"attention #{index}"
     return f"{where}, node {node.name!r}"
 
@@ -275,6 +281,27 @@ def add_packing_inputs(graph):
     return cu, carrier
 
 
+def _rewire(graph, match: AttentionMatch, out, hidden: int, index: int):
+    """Point the consumers of the old attention output at ``out`` (the plugin's [.., S, hidden] output),
+    reshaped to [-1, hidden] where the exporter had merged heads into a 2-D tensor (GPT-2's Gemm)."""
+    import onnx_graphsurgeon as gs
+
+    rank = len(match.context.shape) if match.context.shape is not None else None
+    if rank == 2:
+        flat = gs.Variable(f"eet_attention_{index}_2d", dtype=out.dtype)
+        graph.nodes.append(gs.Node("Reshape", name=f"eet_attention_{index}_to_2d", inputs=[
+            out, gs.Constant(f"eet_attention_{index}_2d_shape", np.array([-1, hidden], dtype=np.int64))],
+            outputs=[flat]))
+        out = flat
+    elif rank not in (None, 3):
+        raise EetError(f"attention output of rank {rank} after merging heads; expected 2 or 3")
+    for consumer in list(match.context.outputs):
+        for i, tensor in enumerate(consumer.inputs):
+            if tensor is match.context:
+                consumer.inputs[i] = out
+    graph.outputs = [out if t is match.context else t for t in graph.outputs]
+
+
 def replace_attention(graph, match: AttentionMatch, index: int, cu_seqlens, max_seqlen, num_heads: int,
                       head_dim: int):
     """Replace one matched attention by an ``EetVarlenAttention`` node; the old subgraph is left dead for
@@ -286,11 +313,28 @@ def replace_attention(graph, match: AttentionMatch, index: int, cu_seqlens, max_
         gs, [match.query, match.key, match.value, cu_seqlens, max_seqlen], [out],
         dict(num_heads=num_heads, head_dim=head_dim, scale=match.scale), name=f"EetVarlenAttention_{index}")
     graph.nodes.append(node)
-    for consumer in list(match.context.outputs):
-        for i, tensor in enumerate(consumer.inputs):
-            if tensor is match.context:
-                consumer.inputs[i] = out
-    graph.outputs = [out if t is match.context else t for t in graph.outputs]
+    _rewire(graph, match, out, num_heads * head_dim, index)
+    return node
+
+
+def replace_prepad_attention(graph, match: AttentionMatch, index: int, pad_lengths, step, num_heads: int,
+                             head_dim: int):
+    """Replace one matched (causal) attention by an ``EetPrePadAttention`` node with this layer's KV cache:
+    graph inputs ``past_key.<index>`` / ``past_value.<index>`` [B, heads, L, head_dim], updated in place (the
+    node's outputs ``present_key.<index>`` / ``present_value.<index>`` alias them)."""
+    import onnx_graphsurgeon as gs
+
+    dtype = match.context.dtype or np.float32
+    caches = [gs.Variable(f"past_{kind}.{index}", dtype=dtype, shape=["batch", num_heads, "max_len", head_dim])
+              for kind in ("key", "value")]
+    graph.inputs.extend(caches)
+    out = gs.Variable(f"eet_attention_{index}", dtype=dtype)
+    presents = [gs.Variable(f"present_{kind}.{index}", dtype=dtype) for kind in ("key", "value")]
+    node = PREPAD_ATTENTION.make_node(
+        gs, [match.query, match.key, match.value, pad_lengths, step, *caches], [out, *presents],
+        dict(num_heads=num_heads, head_dim=head_dim, scale=match.scale), name=f"EetPrePadAttention_{index}")
+    graph.nodes.append(node)
+    _rewire(graph, match, out, num_heads * head_dim, index)
     return node
 
 
@@ -399,6 +443,80 @@ def forget_intermediate_shapes(graph):
             tensor.dtype = None
 
 
+def prepad_token_inputs(graph, pad_lengths, step):
+    """GPT-2 inputs for pre-padding: ``input_ids`` int32 [B, S]; ``position_ids`` computed in the graph as
+    Hugging Face does for left padding, ``max(step + i - pad_lengths[b], 0)``; the attention mask removed."""
+    import onnx_graphsurgeon as gs
+
+    by_name = {t.name: t for t in graph.inputs}
+    missing = [n for n in ("input_ids", "position_ids") if n not in by_name]
+    if missing:
+        raise EetError(f"the exported GPT-2 lacks the inputs {missing}")
+    old_ids, old_pos = by_name["input_ids"], by_name["position_ids"]
+    old_ids.name, old_pos.name = "input_ids_int64", "position_ids_int64"
+    ids = gs.Variable("input_ids", dtype=np.int32, shape=["batch", "seq"])
+
+    def const(name, value):
+        return gs.Constant(name, np.array(value, dtype=np.int64))
+
+    def var(name):
+        return gs.Variable(name)
+
+    shape, seq, step_i64, offsets, rng, pads, pads_col, diff = (
+        var(n) for n in ("ids_shape", "seq_len", "step_i64", "offsets", "positions_row", "pads_i64",
+                         "pads_column", "positions_raw"))
+    graph.nodes.extend([
+        gs.Node("Cast", name="input_ids_to_int64", inputs=[ids], outputs=[old_ids], attrs={"to": 7}),
+        gs.Node("Shape", name="ids_shape", inputs=[ids], outputs=[shape]),
+        gs.Node("Gather", name="seq_len", inputs=[shape, const("axis_one", 1)], outputs=[seq], attrs={"axis": 0}),
+        # Range(0, S) + step, not Range(step, step + S): the shape must not depend on step's value
+        gs.Node("Range", name="offsets", inputs=[const("range_start", 0), seq, const("range_delta", 1)],
+                outputs=[offsets]),
+        gs.Node("Cast", name="step_to_int64", inputs=[step], outputs=[step_i64], attrs={"to": 7}),
+        gs.Node("Add", name="positions_row", inputs=[offsets, step_i64], outputs=[rng]),
+        gs.Node("Cast", name="pads_to_int64", inputs=[pad_lengths], outputs=[pads], attrs={"to": 7}),
+        gs.Node("Unsqueeze", name="pads_column", inputs=[pads, const("unsqueeze_pads", [1])], outputs=[pads_col]),
+        gs.Node("Sub", name="positions_raw", inputs=[rng, pads_col], outputs=[diff]),
+        gs.Node("Max", name="positions", inputs=[diff, const("zero_position", 0)], outputs=[old_pos]),
+    ])
+    graph.inputs = [ids] + [t for t in graph.inputs if t.name not in (old_ids.name, old_pos.name, MASK_INPUT)]
+
+
+def last_position_head(graph):
+    """Run the LM head on each row's last position only, and choose the next token (greedy) in the graph:
+    outputs ``next_token`` int32 [B] and ``logits`` [B, V] (of the last position)."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    if len(graph.outputs) != 1 or not graph.outputs[0].inputs or graph.outputs[0].inputs[0].op != "MatMul":
+        raise EetError("expected the export's only output to be the LM head MatMul's logits")
+    logits = graph.outputs[0]
+    head = logits.inputs[0]
+    hidden = head.inputs[0]
+    if hidden.shape is not None and len(hidden.shape) != 3:
+        raise EetError(f"the LM head reads a rank-{len(hidden.shape)} tensor, expected [B, S, H]")
+    shape, seq, last, last_hidden = (gs.Variable(n) for n in ("hidden_shape", "hidden_seq", "last_position",
+                                                                "last_hidden"))
+    token64 = gs.Variable("next_token_int64")
+    next_token = gs.Variable(NEXT_TOKEN_OUTPUT, dtype=np.int32, shape=["batch"])
+    graph.nodes.extend([
+        gs.Node("Shape", name="hidden_shape", inputs=[hidden], outputs=[shape]),
+        gs.Node("Gather", name="hidden_seq", inputs=[shape, gs.Constant("seq_axis", np.array(1, np.int64))],
+                outputs=[seq], attrs={"axis": 0}),
+        gs.Node("Sub", name="last_position", inputs=[seq, gs.Constant("one", np.array(1, np.int64))],
+                outputs=[last]),
+        gs.Node("Gather", name="last_hidden", inputs=[hidden, last], outputs=[last_hidden], attrs={"axis": 1}),
+    ])
+    head.inputs[0] = last_hidden
+    logits.name, logits.shape = LOGITS_OUTPUT, ["batch", logits.shape[-1] if logits.shape else "vocab"]
+    graph.nodes.extend([
+        gs.Node("ArgMax", name="greedy", inputs=[logits], outputs=[token64], attrs={"axis": -1, "keepdims": 0}),
+        gs.Node("Cast", name="next_token", inputs=[token64], outputs=[next_token],
+                attrs={"to": onnx.TensorProto.INT32}),
+    ])
+    graph.outputs = [next_token, logits]
+
+
 # ----------------------------------------------------------------------------------------------- the whole rewrite
 def rewrite_bert(model, *, num_layers: int, num_heads: int, head_dim: int, dtype: str = "fp32"):
     """The padding-free EET graph of an exported BERT.
@@ -447,6 +565,53 @@ def rewrite_bert(model, *, num_layers: int, num_heads: int, head_dim: int, dtype
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     out.opset_import.append(onnx.helper.make_opsetid(VARLEN_ATTENTION.namespace, 1))
+    out.ir_version = model.ir_version
+    return out
+
+
+def rewrite_gpt2(model, *, num_layers: int, num_heads: int, head_dim: int, dtype: str = "fp32"):
+    """The pre-padding generation graph of an exported GPT-2 (no KV cache in the export).
+
+    Returns:
+        ``onnx.ModelProto`` with inputs ``input_ids`` int32 [B, S] (left-padded), ``pad_lengths`` int32 [B],
+        ``step`` int32 [1] (cache position of the first of the S tokens), ``past_key.<l>`` / ``past_value.<l>``
+        [B, heads, L, head_dim] per layer (updated in place by the layer's ``EetPrePadAttention``, whose
+        outputs ``present_key.<l>`` / ``present_value.<l>`` alias them); outputs ``next_token`` int32 [B]
+        (greedy) and ``logits`` [B, V] of each row's last position.
+
+    Raises:
+        EetError: as :func:`rewrite_bert`.
+    """
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    if dtype not in ("fp32", "fp16"):
+        raise EetError(f"unsupported dtype {dtype!r}: use fp32 or fp16")
+    graph = gs.import_onnx(model)
+    matches = find_attention(graph, head_dim, module_scopes(model))
+    if len(matches) != num_layers:
+        raise EetError(f"found {len(matches)} attention subgraphs in the export, but the model has {num_layers} "
+                       "layers; the rewriter refuses to leave attention unrewritten")
+    pads = gs.Variable(PAD_LENGTHS, dtype=np.int32, shape=["batch"])
+    step = gs.Variable(STEP, dtype=np.int32, shape=[1])
+    graph.inputs.extend([pads, step])
+    for index, match in enumerate(matches):
+        replace_prepad_attention(graph, match, index, pads, step, num_heads, head_dim)
+    prepad_token_inputs(graph, pads, step)
+    last_position_head(graph)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    leftover = [n for n in graph.nodes if n.op in ("Softmax", "Attention")]
+    if leftover:
+        raise EetError(f"attention left after the rewrite: {[n.name for n in leftover]}")
+    mask_users = [n.name for n in graph.nodes if any(t.name == MASK_INPUT for t in n.inputs)]
+    if mask_users:
+        raise EetError(f"the attention mask is still used after the rewrite (by {mask_users})")
+    if dtype == "fp16":
+        to_fp16(graph)
+    forget_intermediate_shapes(graph)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    out = gs.export_onnx(graph)
+    out.opset_import.append(onnx.helper.make_opsetid(PREPAD_ATTENTION.namespace, 1))
     out.ir_version = model.ir_version
     return out
 

@@ -13,7 +13,8 @@ def _op_class(spec: PluginSpec):
 
     def _run(self, *inputs, **attrs):
         # OpRun passes every node attribute as a keyword (plugin_version / plugin_namespace too)
-        return (reference(*inputs, **spec.node_attrs(attrs)),)
+        out = reference(*inputs, **spec.node_attrs(attrs))
+        return tuple(out) if isinstance(out, tuple) else (out,)
 
     return type(spec.name, (OpRun,), {"op_domain": spec.namespace, "_run": _run})
 

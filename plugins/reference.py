@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from eet.plugins.spec import HEAD_DIMS, VARLEN_ATTENTION
+from eet.plugins.spec import HEAD_DIMS, PREPAD_ATTENTION, VARLEN_ATTENTION
 
 
 def check_cu_seqlens(cu_seqlens: np.ndarray, total_tokens: int, max_seqlen: int | None = None) -> np.ndarray:
@@ -77,5 +77,59 @@ def varlen_attention(query: np.ndarray, key: np.ndarray, value: np.ndarray, cu_s
     return out.reshape(query.shape).astype(query.dtype)
 
 
-REFERENCES = {VARLEN_ATTENTION.name: varlen_attention}
-"""Reference function of each plugin, by name; called as ``f(*inputs, **attributes)``."""
+def prepad_attention(query: np.ndarray, key: np.ndarray, value: np.ndarray, pad_lengths: np.ndarray,
+                     step: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarray, *, num_heads: int,
+                     head_dim: int, scale: float, accumulate=np.float64):
+    """Reference of ``EetPrePadAttention`` (see :data:`eet.plugins.spec.PREPAD_ATTENTION`).
+
+    Args:
+        query, key, value: [B, S, num_heads * head_dim].
+        pad_lengths: int [B]; step: int [1] (s).
+        key_cache, value_cache: [B, num_heads, L, head_dim]; not modified (new arrays are returned).
+
+    Returns:
+        (context [B, S, hidden] in query's dtype, new key cache, new value cache).
+
+    Raises:
+        ValueError: shapes that disagree, s + S > L, a negative pad length.
+    """
+    b, s_new, hidden = query.shape
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim {head_dim} is not supported; supported: {HEAD_DIMS}")
+    if hidden != num_heads * head_dim or key.shape != query.shape or value.shape != query.shape:
+        raise ValueError(f"query/key/value must share the shape [B, S, {num_heads * head_dim}], got "
+                         f"{query.shape}, {key.shape}, {value.shape}")
+    cache_len = key_cache.shape[2]
+    if key_cache.shape != (b, num_heads, cache_len, head_dim) or value_cache.shape != key_cache.shape:
+        raise ValueError(f"caches must be [{b}, {num_heads}, L, {head_dim}], got {key_cache.shape}, "
+                         f"{value_cache.shape}")
+    start = int(np.asarray(step).reshape(-1)[0])
+    pads = np.asarray(pad_lengths).reshape(-1).astype(np.int64)
+    if start < 0 or start + s_new > cache_len:
+        raise ValueError(f"step {start} + {s_new} new tokens exceeds the cache length {cache_len}")
+    if pads.shape != (b,) or (pads < 0).any():
+        raise ValueError(f"pad_lengths must be {b} non-negative values, got {pads.tolist()}")
+    kc, vc = key_cache.copy(), value_cache.copy()
+    kc[:, :, start:start + s_new] = key.reshape(b, s_new, num_heads, head_dim).transpose(0, 2, 1, 3)
+    vc[:, :, start:start + s_new] = value.reshape(b, s_new, num_heads, head_dim).transpose(0, 2, 1, 3)
+    q = query.reshape(b, s_new, num_heads, head_dim).astype(accumulate)
+    out = np.zeros((b, s_new, num_heads, head_dim), accumulate)
+    for row in range(b):
+        for i in range(s_new):
+            p = start + i
+            lo = int(pads[row])
+            if lo > p:
+                continue
+            k = kc[row, :, lo:p + 1].astype(accumulate)  # [H, n, D]
+            v = vc[row, :, lo:p + 1].astype(accumulate)
+            scores = np.einsum("hd,hnd->hn", q[row, i], k) * accumulate(scale)
+            scores -= scores.max(axis=-1, keepdims=True)
+            w = np.exp(scores)
+            w /= w.sum(axis=-1, keepdims=True)
+            out[row, i] = np.einsum("hn,hnd->hd", w, v)
+    return out.reshape(query.shape).astype(query.dtype), kc, vc
+
+
+REFERENCES = {VARLEN_ATTENTION.name: varlen_attention, PREPAD_ATTENTION.name: prepad_attention}
+"""Reference function of each plugin, by name; called as ``f(*inputs, **attributes)``; returns one array or a
+tuple with one array per output."""

@@ -56,6 +56,9 @@ class PluginSpec:
     attributes: tuple[AttrSpec, ...]
     doc: str = ""
     namespace: str = NAMESPACE
+    aliases: tuple[tuple[int, int], ...] = ()
+    """(output index, input index) pairs: the output is the input updated in place (TensorRT aliased plugin I/O,
+    which needs ``PreviewFeature.ALIASED_PLUGIN_IO_10_03``)."""
     _kinds: Mapping[str, str] = field(init=False, repr=False, compare=False, default=None)  # type: ignore
 
     def __post_init__(self):
@@ -139,5 +142,36 @@ VARLEN_ATTENTION = PluginSpec(
     ),
 )
 
-PLUGINS: dict[str, PluginSpec] = {VARLEN_ATTENTION.name: VARLEN_ATTENTION}
+PREPAD_ATTENTION = PluginSpec(
+    name="EetPrePadAttention",
+    version="1",
+    doc=(
+        "Pre-padding causal multi-head attention with an in-place KV cache (EET, GPT-2 generation). Prompts are "
+        "left-padded so that every row of the batch is at the same cache position; row b's first pad_lengths[b] "
+        "positions are padding and its keys there are skipped (no work). With s = step: the new keys/values of "
+        "token i go to cache position s + i, and token i attends to cache positions [pad_lengths[b], s + i]. "
+        "Context phase: S prompt tokens at step 0; decode phase: S = 1 at step = tokens so far. Softmax "
+        "statistics and accumulation are fp32."
+    ),
+    inputs=(
+        TensorSpec("query", ("float32", "float16"), "[B, S, num_heads * head_dim]", "projected queries"),
+        TensorSpec("key", ("float32", "float16"), "[B, S, num_heads * head_dim]", "projected new keys", like=0),
+        TensorSpec("value", ("float32", "float16"), "[B, S, num_heads * head_dim]", "projected new values", like=0),
+        TensorSpec("pad_lengths", ("int32",), "[B]", "left padding of each row"),
+        TensorSpec("step", ("int32",), "[1]", "cache position of the first new token"),
+        TensorSpec("key_cache", ("float32", "float16"), "[B, num_heads, L, head_dim]", "key cache, updated in place",
+                   like=0),
+        TensorSpec("value_cache", ("float32", "float16"), "[B, num_heads, L, head_dim]",
+                   "value cache, updated in place", like=0),
+    ),
+    outputs=(
+        TensorSpec("context", ("float32", "float16"), "same as query", "attention output", like=0),
+        TensorSpec("key_cache_out", ("float32", "float16"), "same as key_cache", "key_cache, aliased", like=5),
+        TensorSpec("value_cache_out", ("float32", "float16"), "same as value_cache", "value_cache, aliased", like=6),
+    ),
+    attributes=VARLEN_ATTENTION.attributes,
+    aliases=((1, 5), (2, 6)),
+)
+
+PLUGINS: dict[str, PluginSpec] = {VARLEN_ATTENTION.name: VARLEN_ATTENTION, PREPAD_ATTENTION.name: PREPAD_ATTENTION}
 """Every EET plugin by name."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from eet import trt as trt_compat
-from eet.plugins.spec import HEAD_DIMS, VARLEN_ATTENTION, PluginSpec
+from eet.plugins.spec import HEAD_DIMS, PREPAD_ATTENTION, VARLEN_ATTENTION, PluginSpec
 
 _DTYPES = {"float32": "FLOAT", "float16": "HALF", "int32": "INT32"}
 _REGISTERED: dict[tuple[int, str], object] = {}  # (id of the TensorRT module, plugin) -> its creator, kept alive
@@ -34,7 +34,10 @@ def _field_array(kind: str, value) -> np.ndarray:
 def make_classes(trt):
     """The plugin and creator classes for one TensorRT module (``tensorrt`` or ``tensorrt_rtx``)."""
 
-    class _SpecPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
+    # IPluginV3OneBuildV2 (TensorRT >= 10.3) adds get_aliased_input, for in-place outputs
+    build_base = getattr(trt, "IPluginV3OneBuildV2", trt.IPluginV3OneBuild)
+
+    class _SpecPlugin(trt.IPluginV3, trt.IPluginV3OneCore, build_base, trt.IPluginV3OneRuntime):
         """Everything but ``enqueue``: I/O types and shapes, attributes and serialization, from ``SPEC``."""
 
         SPEC: PluginSpec
@@ -43,7 +46,7 @@ def make_classes(trt):
             # all four base initializers must run before any attribute is set
             trt.IPluginV3.__init__(self)
             trt.IPluginV3OneCore.__init__(self)
-            trt.IPluginV3OneBuild.__init__(self)
+            build_base.__init__(self)
             trt.IPluginV3OneRuntime.__init__(self)
             spec = self.SPEC
             self.plugin_name = spec.name
@@ -86,6 +89,9 @@ def make_classes(trt):
 
         def configure_plugin(self, inputs, outputs):
             pass
+
+        def get_aliased_input(self, output_index):
+            return dict(self.SPEC.aliases).get(output_index, -1)
 
         def get_workspace_size(self, inputs, outputs):
             return 0
@@ -136,6 +142,42 @@ def make_classes(trt):
             p.out = outputs[0]
             self._lib.varlen_attention(p, stream)
 
+    class PrePadAttentionPlugin(_SpecPlugin):
+        """``EetPrePadAttention``: inputs query, key, value [B, S, hidden], pad_lengths [B] int32, step [1]
+        int32, key/value caches [B, heads, L, head_dim]; outputs context [B, S, hidden] and the two caches,
+        updated in place (aliased)."""
+
+        SPEC = PREPAD_ATTENTION
+
+        def __init__(self, attrs: dict):
+            super().__init__(attrs)
+            if self.attrs["head_dim"] not in HEAD_DIMS:
+                raise ValueError(f"EetPrePadAttention: head_dim {self.attrs['head_dim']} is not supported "
+                                 f"(supported: {HEAD_DIMS})")
+            self._params = None
+            self._lib = None
+
+        def on_shape_change(self, inputs, outputs):
+            from eet.plugins import _lib
+
+            q, cache = inputs[0], inputs[5]
+            batch, seq, hidden = (int(d) for d in q.dims)
+            heads, head_dim = self.attrs["num_heads"], self.attrs["head_dim"]
+            if hidden != heads * head_dim or tuple(cache.dims)[1::2] != (heads, head_dim):
+                raise ValueError(f"EetPrePadAttention: query {tuple(q.dims)} / cache {tuple(cache.dims)} do not "
+                                 f"match {heads} heads of {head_dim}")
+            self._lib = _lib
+            self._params = _lib.make_prepad_params(
+                dtype=_lib.DTYPE_FP16 if q.type == trt.DataType.HALF else _lib.DTYPE_FP32,
+                num_heads=heads, head_dim=head_dim, scale=self.attrs["scale"], batch=batch, seq=seq,
+                max_len=int(cache.dims[2]))
+
+        def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
+            p = self._params
+            p.q, p.k, p.v, p.pad_lengths, p.step = inputs[0], inputs[1], inputs[2], inputs[3], inputs[4]
+            p.k_cache, p.v_cache, p.out = inputs[5], inputs[6], outputs[0]
+            self._lib.prepad_attention(p, stream)
+
     def creator_class(plugin_cls):
         spec = plugin_cls.SPEC
 
@@ -161,7 +203,7 @@ def make_classes(trt):
         Creator.__name__ = f"{spec.name}Creator"
         return Creator
 
-    plugins = (VarlenAttentionPlugin,)
+    plugins = (VarlenAttentionPlugin, PrePadAttentionPlugin)
     return {cls.SPEC.name: (cls, creator_class(cls)) for cls in plugins}
 
 

@@ -49,11 +49,13 @@ def _tensor_info(tensor) -> dict:
 
 
 def build_engine(onnx_path: str | Path, profiles: Sequence[Profile], *, tf32: bool = False,
-                 verbose: bool = False, progress: Callable[[str], None] = lambda s: None) -> BuiltEngine:
+                 aliased_io: bool = False, verbose: bool = False,
+                 progress: Callable[[str], None] = lambda s: None) -> BuiltEngine:
     """Parse ``onnx_path`` with TensorRT's ONNX parser (EET plugins registered) and build a plan.
 
     The network is strongly typed: every precision comes from the ONNX dtypes. ``tf32=False`` (default)
     keeps float32 GEMMs in full float32 (TensorRT would otherwise use TF32's 10-bit mantissa).
+    ``aliased_io`` enables plugins that update an input in place (``PreviewFeature.ALIASED_PLUGIN_IO_10_03``).
 
     Raises:
         EetError: TensorRT missing, parse errors, a profile naming an unknown input, a failed build.
@@ -84,6 +86,12 @@ def build_engine(onnx_path: str | Path, profiles: Sequence[Profile], *, tf32: bo
     config = builder.create_builder_config()
     if hasattr(t.BuilderFlag, "TF32"):
         (config.set_flag if tf32 else config.clear_flag)(t.BuilderFlag.TF32)
+    if aliased_io:
+        feature = getattr(t.PreviewFeature, "ALIASED_PLUGIN_IO_10_03", None)
+        if feature is None:
+            raise EetError(f"{trt.flavour} {trt.version} lacks aliased plugin I/O (in-place KV cache); "
+                           "TensorRT >= 10.3 or TensorRT-RTX >= 1.0 is needed")
+        config.set_preview_feature(feature, True)
     names = {i["name"] for i in inputs}
     for profile in profiles:
         unknown = set(profile.shapes) - names

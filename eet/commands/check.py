@@ -1,6 +1,10 @@
-"""``eet check DIR``: accuracy of a built BERT on a ragged batch, on a machine without a TensorRT GPU.
+"""``eet check DIR``: accuracy of a built engine's graph, on a machine without a TensorRT GPU.
 
-Three runs on the same random ragged batch:
+GPT-2 (:func:`run_check_gpt2`): greedy generation for a left-padded batch of random-length prompts through the
+rewritten graph with the plugin references must reproduce Hugging Face ``generate`` token for token, on the
+batch and for each prompt alone (fp32), with logits within tolerance.
+
+BERT (:func:`run_check`), three runs on the same random ragged batch:
 
 - ``huggingface``: the Hugging Face model in PyTorch, fp32, padded batch with attention mask;
 - ``onnxruntime``: ``original.onnx`` in ONNX Runtime (CPU), same padded batch;
@@ -79,16 +83,17 @@ def load_reference_model(info: dict):
     """The Hugging Face model the engine was built from (random weights are rebuilt from their seed and
     checked against the recorded fingerprint)."""
     from eet.commands.build import weights_fingerprint
-    from eet.exporter import bert
+    from eet.exporter import bert, gpt2
 
+    load = {"bert": bert.load_bert, "gpt2": gpt2.load_gpt2}[info["family"]]
     source = info["model"]["source"]
     kind = source["kind"]
     if kind == "package":
-        loaded = bert.load_bert(None, None)
+        loaded = load(None, None)
     elif kind == "directory":
-        loaded = bert.load_bert(source["path"], None)
+        loaded = load(source["path"], None)
     elif kind in ("preset", "config"):
-        loaded = bert.load_bert(None, source.get("name") or source.get("path"), seed=source.get("seed", 0))
+        loaded = load(None, source.get("name") or source.get("path"), seed=source.get("seed", 0))
     else:
         raise EetError(f"unknown model source {kind!r} in the sidecar")
     if weights_fingerprint(loaded.model) != info["model"]["weights_sha256"]:
@@ -96,6 +101,110 @@ def load_reference_model(info: dict):
                        "torch version draws other random weights, or the model directory changed); rebuild")
     bert.set_attention(loaded.model, "eager")
     return loaded
+
+
+LOGIT_TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2}
+"""dtype -> bound of max |logits - Hugging Face fp32 logits| / max |Hugging Face logits| per step (GPT-2)."""
+
+
+def random_prompts(rng: np.random.Generator, batch: int, max_len: int, vocab: int) -> list[list[int]]:
+    """Prompts of random lengths in [1, max_len] (one of length 1 and one of max_len when batch >= 2)."""
+    lengths = rng.integers(1, max_len + 1, size=batch)
+    if batch >= 2:
+        lengths[rng.permutation(batch)[:2]] = (1, max_len)
+    return [rng.integers(0, vocab, size=int(n)).tolist() for n in lengths]
+
+
+def hf_greedy(model, prompts, new_tokens: int):
+    """Hugging Face ``generate`` (greedy, fp32) on the left-padded batch: (tokens per prompt, logits per step)."""
+    import torch
+
+    from eet.runtime.generation import left_pad
+
+    ids, pads = left_pad(prompts)
+    mask = (np.arange(ids.shape[1])[None, :] >= pads[:, None]).astype(np.int64)
+    with torch.no_grad():
+        out = model.generate(torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.from_numpy(mask),
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                             return_dict_in_generate=True, output_logits=True)
+    return out.sequences[:, ids.shape[1]:].tolist(), [x.numpy() for x in out.logits]
+
+
+def ort_greedy(path, prompts, new_tokens: int):
+    """Greedy generation with the plain export in ONNX Runtime, recomputing the whole sequence every step."""
+    import onnxruntime as ort
+
+    from eet.runtime.generation import left_pad
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids, pads = left_pad(prompts)
+    ids = ids.astype(np.int64)
+    new = []
+    for _ in range(new_tokens):
+        mask = (np.arange(ids.shape[1])[None, :] >= pads[:, None]).astype(np.int64)
+        positions = np.maximum(np.arange(ids.shape[1])[None, :] - pads[:, None], 0).astype(np.int64)
+        (logits,) = session.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": positions})
+        token = logits[:, -1].argmax(-1)
+        new.append(token)
+        ids = np.concatenate([ids, token[:, None]], axis=1)
+    return np.stack(new, axis=1).tolist()
+
+
+def run_check_gpt2(directory: str | Path, batch: int = 4, max_len: int = 24, new_tokens: int = 12,
+                   seed: int | None = None, out=print) -> bool:
+    """Greedy tokens and logits of the rewritten GPT-2 graph (plugin references) against Hugging Face and
+    ONNX Runtime on a left-padded batch of random-length prompts; returns True on PASS."""
+    import onnx
+
+    from eet.runtime import sidecar
+    from eet.runtime.generation import Limits, ReferenceStep, greedy
+
+    folder = Path(directory)
+    info = sidecar.read(folder, verify_plan=False)
+    gen, model_info = info["generation"], info["model"]
+    if batch < 1 or max_len < 1 or new_tokens < 1:
+        raise EetError("--batch, --max-len and --new-tokens must be positive")
+    limits = Limits(gen["max_batch"], gen["max_prompt"], gen["max_len"], gen["vocab_size"])
+    seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else seed
+    prompts = random_prompts(np.random.default_rng(seed), batch, max_len, gen["vocab_size"])
+    limits.check(prompts, new_tokens)
+    out(f"prompts: seed {seed}, {batch} prompts, lengths {[len(p) for p in prompts]}, {new_tokens} new tokens")
+    loaded = load_reference_model(info)
+    hf_batch, hf_logits = hf_greedy(loaded.model, prompts, new_tokens)
+    hf_alone = [hf_greedy(loaded.model, [p], new_tokens)[0][0] for p in prompts]
+    ort_tokens = ort_greedy(folder / info["files"]["original_onnx"], prompts, new_tokens)
+    step = ReferenceStep(onnx.load(str(folder / info["files"]["onnx"])), num_layers=model_info["num_layers"],
+                         num_heads=model_info["num_heads"], head_dim=model_info["head_dim"], max_len=gen["max_len"])
+    eet_tokens, eet_logits = greedy(step, prompts, new_tokens, limits)
+
+    ok = True
+    exact = info["dtype"] == "fp32"
+    out(f"{'tokens':<40} {'agreement':>10}  first divergence  verdict")
+    for name, a, b in (("eet-reference vs huggingface batch", eet_tokens, hf_batch),
+                       ("eet-reference vs huggingface alone", eet_tokens, hf_alone),
+                       ("huggingface batch vs alone", hf_batch, hf_alone),
+                       ("onnxruntime vs huggingface alone", ort_tokens, hf_alone)):
+        a, b = np.array(a), np.array(b)
+        agree = (a == b).mean()
+        diverged = [int(np.argmax(ra != rb)) for ra, rb in zip(a, b) if (ra != rb).any()]
+        passed = agree == 1.0 or (not exact and name.startswith("eet"))
+        ok &= passed
+        out(f"{name:<40} {agree:>10.1%}  {('step ' + str(min(diverged))) if diverged else '-':<16}  "
+            f"{'PASS' if passed else 'FAIL'}")
+    # logits: compare the steps before the first token divergence (after it the inputs differ)
+    same = np.array(eet_tokens) == np.array(hf_batch)
+    steps = int(np.argmin(same.all(axis=0))) if not same.all() else new_tokens
+    bound = LOGIT_TOLERANCES[info["dtype"]]
+    worst = max((np.abs(eet_logits[i].astype(np.float64) - hf_logits[i]).max() / np.abs(hf_logits[i]).max()
+                 for i in range(max(steps, 1))), default=0.0)
+    passed = worst <= bound
+    ok &= passed
+    out(f"{'logits vs huggingface (max abs / max |logit|)':<40} {worst:>10.2e}  over {max(steps, 1)} step(s), "
+        f"bound {bound:.0e}  {'PASS' if passed else 'FAIL'}")
+    out("PASS" if ok else "FAIL")
+    out("note: the TensorRT engine was not executed by this check (no TensorRT-capable GPU is used); it checks the "
+        "graph the engine was built from, with the plugins' references")
+    return ok
 
 
 def run_check(directory: str | Path, batch: int = 6, max_len: int = 64, seed: int | None = None,
@@ -178,10 +287,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="eet check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("directory", metavar="DIR", help="a directory written by `eet build`")
-    p.add_argument("--batch", type=int, default=6, help="sequences in the ragged batch (default 6)")
-    p.add_argument("--max-len", type=int, default=64, help="longest sequence (default 64)")
+    p.add_argument("--batch", type=int, default=None, help="sequences / prompts in the batch (default 6 / 4)")
+    p.add_argument("--max-len", type=int, default=None, help="longest sequence / prompt (default 64 / 24)")
+    p.add_argument("--new-tokens", type=int, default=12, help="GPT-2: tokens to generate (default 12)")
     p.add_argument("--seed", type=int, default=None, help="seed of the batch (default: fresh, printed)")
     args = p.parse_args(argv)
-    ok = run_check(args.directory, args.batch, args.max_len, args.seed)
+    from eet.runtime import sidecar
+
+    if sidecar.read(args.directory, verify_plan=False)["family"] == "gpt2":
+        ok = run_check_gpt2(args.directory, args.batch or 4, args.max_len or 24, args.new_tokens, args.seed)
+    else:
+        ok = run_check(args.directory, args.batch or 6, args.max_len or 64, args.seed)
     sys.stdout.flush()
     return 0 if ok else 1

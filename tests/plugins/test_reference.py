@@ -66,3 +66,68 @@ def test_too_long_and_bad_head_dim():
     y = np.zeros((5, 96), np.float32)
     with pytest.raises(ValueError, match="head_dim 48"):
         varlen_attention(y, y, y, np.array([0, 5], np.int32), 8, num_heads=2, head_dim=48, scale=1.0)
+
+
+def naive_prepad(q, k, v, pads, step, kc, vc, heads, dim, scale):
+    """Token-by-token float64 pre-padding attention: append, then attend over [pad, position]."""
+    b, s, _ = q.shape
+    kc, vc = kc.astype(np.float64).copy(), vc.astype(np.float64).copy()
+    for row in range(b):
+        for i in range(s):
+            kc[row, :, step + i] = k[row, i].reshape(heads, dim)
+            vc[row, :, step + i] = v[row, i].reshape(heads, dim)
+    out = np.zeros((b, s, heads, dim))
+    for row in range(b):
+        for i in range(s):
+            for h in range(heads):
+                js = range(pads[row], step + i + 1)
+                if not js:
+                    continue
+                sc = np.array([q[row, i].reshape(heads, dim)[h] @ kc[row, h, j] for j in js]) * scale
+                p = np.exp(sc - sc.max())
+                out[row, i, h] = (p / p.sum()) @ np.array([vc[row, h, j] for j in js])
+    return out.reshape(b, s, heads * dim), kc, vc
+
+
+@pytest.mark.parametrize("seq,step", [(7, 0), (1, 9), (3, 5)])
+def test_prepad_matches_naive_loop(rng, seq, step):
+    from eet.plugins.reference import prepad_attention
+
+    heads, dim, b, length = 2, 32, 3, 16
+    q, k, v = (rng.standard_normal((b, seq, heads * dim)) for _ in range(3))
+    kc, vc = (rng.standard_normal((b, heads, length, dim)) for _ in range(2))
+    pads = np.array([0, int(rng.integers(1, step + seq + 1)), step + seq], np.int32)  # the last row: all padding
+    out, kc2, vc2 = prepad_attention(q, k, v, pads, np.array([step], np.int32), kc, vc, num_heads=heads,
+                                     head_dim=dim, scale=0.3)
+    want, wk, wv = naive_prepad(q, k, v, pads, step, kc, vc, heads, dim, 0.3)
+    np.testing.assert_allclose(out, want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(kc2, wk)
+    np.testing.assert_array_equal(vc2, wv)
+    assert (out[2] == 0).all()
+
+
+def test_prepad_never_reads_padded_keys(rng):
+    """Cache positions before a row's pad length may hold anything (NaN here): no effect on the output."""
+    from eet.plugins.reference import prepad_attention
+
+    heads, dim = 2, 32
+    q, k, v = (rng.standard_normal((2, 1, heads * dim)).astype(np.float32) for _ in range(3))
+    kc, vc = (rng.standard_normal((2, heads, 12, dim)).astype(np.float32) for _ in range(2))
+    pads = np.array([4, 0], np.int32)
+    clean, _, _ = prepad_attention(q, k, v, pads, np.array([8], np.int32), kc, vc, num_heads=heads, head_dim=dim,
+                                   scale=0.2)
+    kc[0, :, :4] = np.nan
+    vc[0, :, :4] = np.nan
+    dirty, _, _ = prepad_attention(q, k, v, pads, np.array([8], np.int32), kc, vc, num_heads=heads, head_dim=dim,
+                                   scale=0.2)
+    np.testing.assert_array_equal(clean, dirty)
+
+
+def test_prepad_rejects_overflow():
+    from eet.plugins.reference import prepad_attention
+
+    x = np.zeros((1, 3, 64), np.float32)
+    c = np.zeros((1, 2, 4, 32), np.float32)
+    with pytest.raises(ValueError, match="exceeds the cache length 4"):
+        prepad_attention(x, x, x, np.zeros(1, np.int32), np.array([2], np.int32), c, c, num_heads=2, head_dim=32,
+                         scale=1.0)

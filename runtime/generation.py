@@ -1,0 +1,124 @@
+"""Pre-padding generation, independent of what executes a step (the TensorRT engine on a GPU, or the rewritten
+ONNX with plugin references on a CPU).
+
+A step function takes ``(input_ids [B, S] int32, pad_lengths [B] int32, step int)`` and returns
+``(next_token [B] int32, logits [B, V])``; it owns the KV cache. The context phase is one step with the whole
+left-padded prompt batch at step 0; each decode step feeds the previous tokens (S = 1) at step = tokens so far.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from eet.errors import EetError
+
+StepFn = Callable[[np.ndarray, np.ndarray, int], "tuple[np.ndarray, np.ndarray]"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What an engine was built for: ``max_batch`` rows, prompts up to ``max_prompt`` tokens, ``max_len``
+    cache positions (prompt + generated), token ids below ``vocab_size``."""
+
+    max_batch: int
+    max_prompt: int
+    max_len: int
+    vocab_size: int
+
+    def check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        """Raise :class:`EetError` naming the first prompt or size that does not fit."""
+        if not prompts:
+            raise EetError("no prompts: give at least one")
+        if len(prompts) > self.max_batch:
+            raise EetError(f"{len(prompts)} prompts exceed the engine's --max-batch {self.max_batch}; "
+                           "split the batch or rebuild with a larger --max-batch")
+        if max_new_tokens < 1:
+            raise EetError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        longest = max(len(p) for p in prompts)
+        for i, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise EetError(f"prompt {i} is empty: every prompt needs at least one token")
+            if len(prompt) > self.max_prompt:
+                raise EetError(f"prompt {i} has {len(prompt)} tokens, over the engine's --max-prompt "
+                               f"{self.max_prompt}")
+            bad = [t for t in prompt if not 0 <= int(t) < self.vocab_size]
+            if bad:
+                raise EetError(f"prompt {i} holds token id {bad[0]}, outside the vocabulary [0, {self.vocab_size})")
+        if longest + max_new_tokens > self.max_len:
+            raise EetError(f"the longest prompt ({longest} tokens) + {max_new_tokens} new tokens = "
+                           f"{longest + max_new_tokens} exceeds the engine's --max-len {self.max_len}")
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids int32 [B, S], pad_lengths int32 [B]): each prompt right-aligned in a row of S tokens."""
+    longest = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), longest), pad_id, dtype=np.int32)
+    pads = np.empty(len(prompts), dtype=np.int32)
+    for row, prompt in enumerate(prompts):
+        pads[row] = longest - len(prompt)
+        ids[row, pads[row]:] = prompt
+    return ids, pads
+
+
+def greedy(step_fn: StepFn, prompts: Sequence[Sequence[int]], max_new_tokens: int, limits: Limits | None = None,
+           eos_token_id: int | None = None) -> tuple[list[list[int]], list[np.ndarray]]:
+    """Greedy generation of ``max_new_tokens`` for every prompt in one left-padded batch.
+
+    Returns:
+        (the new tokens of each prompt, cut after its first ``eos_token_id``; the logits [B, V] of every step).
+    """
+    if limits is not None:
+        limits.check(prompts, max_new_tokens)
+    ids, pads = left_pad(prompts)
+    tokens, all_logits = [], []
+    token, logits = step_fn(ids, pads, 0)
+    position = ids.shape[1]
+    for _ in range(max_new_tokens):
+        tokens.append(np.asarray(token).reshape(-1).copy())
+        all_logits.append(np.asarray(logits))
+        if len(tokens) == max_new_tokens:
+            break
+        token, logits = step_fn(tokens[-1].reshape(-1, 1).astype(np.int32), pads, position)
+        position += 1
+    new = np.stack(tokens, axis=1)
+    out = []
+    for row in new.tolist():
+        if eos_token_id is not None and eos_token_id in row:
+            row = row[: row.index(eos_token_id) + 1]
+        out.append(row)
+    return out, all_logits
+
+
+class ReferenceStep:
+    """A step function over the rewritten GPT-2 ONNX with the plugin references (CPU, ``onnx.reference``).
+
+    Args:
+        model: the rewritten ``onnx.ModelProto`` (see :func:`eet.exporter.rewrite.rewrite_gpt2`).
+        num_layers, num_heads, head_dim, max_len: the cache geometry [B, heads, max_len, head_dim] per layer.
+    """
+
+    def __init__(self, model, *, num_layers: int, num_heads: int, head_dim: int, max_len: int):
+        from eet.plugins import onnx_reference
+
+        self.evaluator = onnx_reference.evaluator(model)
+        self.geometry = (num_heads, max_len, head_dim)
+        self.layers = num_layers
+        inputs = {i.name: i for i in model.graph.input}
+        elem = inputs["past_key.0"].type.tensor_type.elem_type
+        self.dtype = np.float16 if elem == 10 else np.float32
+        self.caches: dict[str, np.ndarray] = {}
+        self.outputs = ["next_token", "logits"] + [f"present_{k}.{i}" for i in range(num_layers)
+                                                     for k in ("key", "value")]
+
+    def __call__(self, ids: np.ndarray, pads: np.ndarray, step: int):
+        if step == 0:  # a new batch: fresh caches
+            shape = (ids.shape[0], *self.geometry)
+            self.caches = {f"past_{k}.{i}": np.zeros(shape, self.dtype) for i in range(self.layers)
+                           for k in ("key", "value")}
+        feeds = {"input_ids": ids, "pad_lengths": pads, "step": np.array([step], np.int32), **self.caches}
+        results = dict(zip(self.outputs, self.evaluator.run(self.outputs, feeds)))
+        self.caches = {name.replace("present_", "past_"): value for name, value in results.items()
+                       if name.startswith("present_")}
+        return results["next_token"], results["logits"]
