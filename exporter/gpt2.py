@@ -14,7 +14,7 @@ from typing import Any
 
 from eet.errors import EetError
 from eet.exporter.common import (EXPORT_FORMS, check_model_directory, export, quiet_transformers,
-                                 read_config_json, set_attention)
+                                 random_config, set_attention)
 from eet.plugins.spec import HEAD_DIMS
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -77,21 +77,8 @@ def load_gpt2(model_dir: str | os.PathLike | None = None, config: str | os.PathL
     if model_dir is not None and config is not None:
         raise EetError("give either --model DIR (weights) or --config (random weights), not both")
     if model_dir is None:
-        name = "small" if config is None else str(config)
-        if name in PRESETS:
-            cfg = GPT2Config(**PRESETS[name])
-            source = {"kind": "preset", "name": name, "seed": seed}
-        else:
-            path = Path(name)
-            if not path.is_file():
-                raise EetError(f"--config {name!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file")
-            data = read_config_json(path)
-            if data.get("model_type", "gpt2") != "gpt2":
-                raise EetError(f"{path} describes a {data['model_type']!r} model, not GPT-2"
-                               + ("; use `eet build bert`" if data["model_type"] == "bert" else ""))
-            data.pop("model_type", None)
-            cfg = GPT2Config(**data)
-            source = {"kind": "config", "path": str(path.resolve()), "seed": seed}
+        kwargs, source = random_config("small" if config is None else config, PRESETS, "gpt2", seed)
+        cfg = GPT2Config(**kwargs)
         check_supported(cfg)
         cfg._attn_implementation = attn_implementation
         torch.manual_seed(seed)

@@ -518,6 +518,42 @@ def last_position_head(graph):
 
 
 # ----------------------------------------------------------------------------------------------- the whole rewrite
+def _import_layers(model, num_layers: int, head_dim: int, dtype: str):
+    """The graph of ``model`` and the attention of each of its ``num_layers`` layers (or an EetError)."""
+    import onnx_graphsurgeon as gs
+
+    if dtype not in ("fp32", "fp16"):
+        raise EetError(f"unsupported dtype {dtype!r}: use fp32 or fp16")
+    graph = gs.import_onnx(model)
+    matches = find_attention(graph, head_dim, module_scopes(model))
+    if len(matches) != num_layers:
+        raise EetError(f"found {len(matches)} attention subgraphs in the export, but the model has {num_layers} "
+                       "layers; the rewriter refuses to leave attention unrewritten")
+    return graph, matches
+
+
+def _finish(graph, model, dtype: str, spec, mask_hint: str):
+    """Drop the dead attention, prove none is left and the mask is unused, convert to ``dtype``, export."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    leftover = [n for n in graph.nodes if n.op in ("Softmax", "Attention")]
+    if leftover:
+        raise EetError(f"attention left after the rewrite: {[n.name for n in leftover]}")
+    mask_users = [n.name for n in graph.nodes if any(t.name == MASK_INPUT for t in n.inputs)]
+    if mask_users:
+        raise EetError(f"the attention mask is still used after the rewrite (by {mask_users}): {mask_hint}")
+    if dtype == "fp16":
+        to_fp16(graph)
+    forget_intermediate_shapes(graph)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    out = gs.export_onnx(graph)
+    out.opset_import.append(onnx.helper.make_opsetid(spec.namespace, 1))
+    out.ir_version = model.ir_version
+    return out
+
+
 def rewrite_bert(model, *, num_layers: int, num_heads: int, head_dim: int, dtype: str = "fp32"):
     """The padding-free EET graph of an exported BERT.
 
@@ -536,37 +572,14 @@ def rewrite_bert(model, *, num_layers: int, num_heads: int, head_dim: int, dtype
         EetError: an attention that does not match (naming the layer), a layer count that differs, a mask
             still used elsewhere.
     """
-    import onnx
-    import onnx_graphsurgeon as gs
-
-    if dtype not in ("fp32", "fp16"):
-        raise EetError(f"unsupported dtype {dtype!r}: use fp32 or fp16")
-    graph = gs.import_onnx(model)
-    matches = find_attention(graph, head_dim, module_scopes(model))
-    if len(matches) != num_layers:
-        raise EetError(f"found {len(matches)} attention subgraphs in the export, but the model has {num_layers} "
-                       "layers; the rewriter refuses to leave attention unrewritten")
+    graph, matches = _import_layers(model, num_layers, head_dim, dtype)
     cu, carrier = add_packing_inputs(graph)
     for index, match in enumerate(matches):
         replace_attention(graph, match, index, cu, carrier, num_heads, head_dim)
     pack_token_inputs(graph)
     packed_outputs(graph, cu)
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    leftover = [n for n in graph.nodes if n.op in ("Softmax", "Attention")]
-    if leftover:
-        raise EetError(f"attention left after the rewrite: {[n.name for n in leftover]}")
-    mask_users = [n.name for n in graph.nodes if any(t.name == MASK_INPUT for t in n.inputs)]
-    if mask_users:
-        raise EetError(f"the attention mask is still used after the rewrite (by {mask_users}): the model uses "
-                       "it for more than attention, which a padding-free graph cannot express")
-    if dtype == "fp16":
-        to_fp16(graph)
-    forget_intermediate_shapes(graph)
-    graph.cleanup().toposort()
-    out = gs.export_onnx(graph)
-    out.opset_import.append(onnx.helper.make_opsetid(VARLEN_ATTENTION.namespace, 1))
-    out.ir_version = model.ir_version
-    return out
+    return _finish(graph, model, dtype, VARLEN_ATTENTION, "the model uses it for more than attention, which a "
+                   "padding-free graph cannot express")
 
 
 def rewrite_gpt2(model, *, num_layers: int, num_heads: int, head_dim: int, dtype: str = "fp32"):
@@ -582,16 +595,9 @@ def rewrite_gpt2(model, *, num_layers: int, num_heads: int, head_dim: int, dtype
     Raises:
         EetError: as :func:`rewrite_bert`.
     """
-    import onnx
     import onnx_graphsurgeon as gs
 
-    if dtype not in ("fp32", "fp16"):
-        raise EetError(f"unsupported dtype {dtype!r}: use fp32 or fp16")
-    graph = gs.import_onnx(model)
-    matches = find_attention(graph, head_dim, module_scopes(model))
-    if len(matches) != num_layers:
-        raise EetError(f"found {len(matches)} attention subgraphs in the export, but the model has {num_layers} "
-                       "layers; the rewriter refuses to leave attention unrewritten")
+    graph, matches = _import_layers(model, num_layers, head_dim, dtype)
     pads = gs.Variable(PAD_LENGTHS, dtype=np.int32, shape=["batch"])
     step = gs.Variable(STEP, dtype=np.int32, shape=[1])
     graph.inputs.extend([pads, step])
@@ -599,21 +605,7 @@ def rewrite_gpt2(model, *, num_layers: int, num_heads: int, head_dim: int, dtype
         replace_prepad_attention(graph, match, index, pads, step, num_heads, head_dim)
     prepad_token_inputs(graph, pads, step)
     last_position_head(graph)
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    leftover = [n for n in graph.nodes if n.op in ("Softmax", "Attention")]
-    if leftover:
-        raise EetError(f"attention left after the rewrite: {[n.name for n in leftover]}")
-    mask_users = [n.name for n in graph.nodes if any(t.name == MASK_INPUT for t in n.inputs)]
-    if mask_users:
-        raise EetError(f"the attention mask is still used after the rewrite (by {mask_users})")
-    if dtype == "fp16":
-        to_fp16(graph)
-    forget_intermediate_shapes(graph)
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    out = gs.export_onnx(graph)
-    out.opset_import.append(onnx.helper.make_opsetid(PREPAD_ATTENTION.namespace, 1))
-    out.ir_version = model.ir_version
-    return out
+    return _finish(graph, model, dtype, PREPAD_ATTENTION, "the model uses it for more than attention")
 
 
 def count_plugin_nodes(model, name: str = VARLEN_ATTENTION.name) -> int:

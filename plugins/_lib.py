@@ -14,6 +14,16 @@ pointer fields (``q``, ``k``, ``v``, ``out``, ``cu_seqlens``) and ``total_tokens
     ...
     params.q, params.out = q_ptr, out_ptr
     varlen_attention(params, stream)
+
+Pre-padding attention with a KV cache (GPT-2 generation) works the same way with
+:class:`PrepadAttentionParams`, :func:`make_prepad_params` and :func:`prepad_attention`; the step is a
+device ``int32`` (``params.step``), so one params object (or a captured CUDA graph) serves every decode
+step::
+
+    params = make_prepad_params(dtype=DTYPE_FP16, num_heads=12, head_dim=64, batch=8, seq=1,
+                                max_len=1024, k_cache=..., v_cache=..., pad_lengths=..., step=...)
+    params.q, params.k, params.v, params.out = q_ptr, k_ptr, v_ptr, out_ptr
+    prepad_attention(params, stream)
 """
 
 from __future__ import annotations
@@ -31,18 +41,22 @@ __all__ = [
     "DTYPE_FP32",
     "ENV_VAR",
     "LIBRARY_NAME",
+    "PrepadAttentionParams",
     "VarlenAttentionParams",
     "abi_version",
     "cuda_error_name",
     "last_error_message",
     "library_path",
     "load_library",
+    "make_prepad_params",
     "make_varlen_params",
+    "prepad_attention",
+    "prepad_supported",
     "supported",
     "varlen_attention",
 ]
 
-ABI_VERSION = 1  # eet_abi_version() this binding is written for
+ABI_VERSION = 2  # eet_abi_version() this binding is written for
 LIBRARY_NAME = "libeet_kernels.so"
 ENV_VAR = "EET_KERNELS_LIB"
 
@@ -75,6 +89,36 @@ class VarlenAttentionParams(ctypes.Structure):
         ("head_dim", ctypes.c_int32),
         ("max_seqlen", ctypes.c_int32),
         ("total_tokens", ctypes.c_int32),
+        ("scale", ctypes.c_float),
+        ("dtype", ctypes.c_int32),
+    ]
+
+
+class PrepadAttentionParams(ctypes.Structure):
+    """Field-for-field mirror of ``EetPrepadAttentionParams`` (same order, same types).
+
+    Pointers are ``c_void_p``; strides are in elements. ``pad_lengths`` ([batch] int32) and ``step``
+    ([1] int32) are device pointers: the kernels read them on the GPU.
+    """
+
+    _fields_ = [
+        ("q", ctypes.c_void_p),
+        ("k", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("k_cache", ctypes.c_void_p),
+        ("v_cache", ctypes.c_void_p),
+        ("pad_lengths", ctypes.c_void_p),  # const int32_t*
+        ("step", ctypes.c_void_p),  # const int32_t*
+        ("q_row_stride", ctypes.c_int64),
+        ("k_row_stride", ctypes.c_int64),
+        ("v_row_stride", ctypes.c_int64),
+        ("out_row_stride", ctypes.c_int64),
+        ("batch", ctypes.c_int32),
+        ("seq", ctypes.c_int32),
+        ("num_heads", ctypes.c_int32),
+        ("head_dim", ctypes.c_int32),
+        ("max_len", ctypes.c_int32),
         ("scale", ctypes.c_float),
         ("dtype", ctypes.c_int32),
     ]
@@ -116,6 +160,7 @@ _CUDA_ERROR_NAMES = {
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _varlen_fn = None  # cached eet_varlen_attention: the hot path skips the attribute lookup
+_prepad_fn = None  # cached eet_prepad_attention
 _last_error_fn = None
 
 
@@ -159,10 +204,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.eet_varlen_attention.restype = ctypes.c_int
     lib.eet_varlen_attention_supported.argtypes = [ctypes.c_int32, ctypes.c_int32]
     lib.eet_varlen_attention_supported.restype = ctypes.c_int
+    lib.eet_prepad_attention.argtypes = [ctypes.POINTER(PrepadAttentionParams), ctypes.c_void_p]
+    lib.eet_prepad_attention.restype = ctypes.c_int
+    lib.eet_prepad_attention_supported.argtypes = [ctypes.c_int32, ctypes.c_int32]
+    lib.eet_prepad_attention_supported.restype = ctypes.c_int
     lib.eet_last_error_message.argtypes = []
     lib.eet_last_error_message.restype = ctypes.c_char_p
-    lib.eet_abi_version.argtypes = []
-    lib.eet_abi_version.restype = ctypes.c_int32
 
 
 def load_library() -> ctypes.CDLL:
@@ -171,7 +218,7 @@ def load_library() -> ctypes.CDLL:
     Raises RuntimeError naming the path searched and how to build the library when it is missing,
     cannot be loaded, or was built for another ABI version.
     """
-    global _lib, _varlen_fn, _last_error_fn
+    global _lib, _varlen_fn, _prepad_fn, _last_error_fn
     lib = _lib
     if lib is not None:
         return lib
@@ -186,16 +233,23 @@ def load_library() -> ctypes.CDLL:
         except OSError as exc:
             raise _missing_library_error(path, str(exc)) from exc
         try:
-            _declare(lib)
+            lib.eet_abi_version.argtypes = []
+            lib.eet_abi_version.restype = ctypes.c_int32
         except AttributeError as exc:
             raise _missing_library_error(path, f"not an EET kernel library ({exc})") from exc
+        # The version first: an older library lacks the newer functions that _declare names.
         version = int(lib.eet_abi_version())
         if version != ABI_VERSION:
             raise RuntimeError(
                 f"{path} has ABI version {version}, but this binding ({__file__}) expects "
                 f"{ABI_VERSION}: rebuild the library (`pip install .` from the repository root)."
             )
+        try:
+            _declare(lib)
+        except AttributeError as exc:
+            raise _missing_library_error(path, f"not an EET kernel library ({exc})") from exc
         _varlen_fn = lib.eet_varlen_attention
+        _prepad_fn = lib.eet_prepad_attention
         _last_error_fn = lib.eet_last_error_message
         _lib = lib
         return lib
@@ -209,6 +263,11 @@ def abi_version() -> int:
 def supported(dtype: int, head_dim: int) -> bool:
     """Whether eet_varlen_attention is built for (dtype, head_dim)."""
     return bool(load_library().eet_varlen_attention_supported(int(dtype), int(head_dim)))
+
+
+def prepad_supported(dtype: int, head_dim: int) -> bool:
+    """Whether eet_prepad_attention is built for (dtype, head_dim)."""
+    return bool(load_library().eet_prepad_attention_supported(int(dtype), int(head_dim)))
 
 
 def last_error_message() -> str:
@@ -270,4 +329,62 @@ def varlen_attention(params: VarlenAttentionParams, stream: int) -> None:
     if rc:
         raise RuntimeError(
             f"eet_varlen_attention: {cuda_error_name(rc)}: {last_error_message()}"
+        )
+
+
+def make_prepad_params(
+    *,
+    dtype: int,
+    num_heads: int,
+    head_dim: int,
+    batch: int = 1,
+    seq: int = 1,
+    max_len: int = 1,
+    q: int | None = None,
+    k: int | None = None,
+    v: int | None = None,
+    out: int | None = None,
+    k_cache: int | None = None,
+    v_cache: int | None = None,
+    pad_lengths: int | None = None,
+    step: int | None = None,
+    q_row_stride: int | None = None,
+    k_row_stride: int | None = None,
+    v_row_stride: int | None = None,
+    out_row_stride: int | None = None,
+    scale: float | None = None,
+) -> PrepadAttentionParams:
+    """A filled :class:`PrepadAttentionParams`; row strides default to ``num_heads * head_dim``
+    (contiguous [batch, seq, heads, head_dim]) and ``scale`` to ``1 / sqrt(head_dim)``."""
+    row = num_heads * head_dim
+    p = PrepadAttentionParams()
+    p.q, p.k, p.v, p.out = q, k, v, out
+    p.k_cache, p.v_cache, p.pad_lengths, p.step = k_cache, v_cache, pad_lengths, step
+    p.q_row_stride = row if q_row_stride is None else q_row_stride
+    p.k_row_stride = row if k_row_stride is None else k_row_stride
+    p.v_row_stride = row if v_row_stride is None else v_row_stride
+    p.out_row_stride = row if out_row_stride is None else out_row_stride
+    p.batch = batch
+    p.seq = seq
+    p.num_heads = num_heads
+    p.head_dim = head_dim
+    p.max_len = max_len
+    p.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    p.dtype = dtype
+    return p
+
+
+def prepad_attention(params: PrepadAttentionParams, stream: int) -> None:
+    """Launches eet_prepad_attention on ``stream`` (a cudaStream_t as an int; 0 = default stream).
+
+    Raises RuntimeError("eet_prepad_attention: <cuda error name>: <message>") on a non-zero return.
+    """
+    fn = _prepad_fn
+    if fn is None:
+        load_library()
+        fn = _prepad_fn
+    rc = fn(ctypes.byref(params), stream)
+    if rc:
+        raise RuntimeError(
+            f"eet_prepad_attention: {cuda_error_name(rc)}: {last_error_message()}"
         )

@@ -1,104 +1,121 @@
-// The (dtype, head_dim) table of eet_varlen_attention: the ONE place that maps the runtime pair to a
-// template instantiation. eet_varlen_attention (to launch), eet_varlen_attention_supported (to answer)
-// and the error messages (to list what is supported) all go through it, so they cannot disagree.
+// The (dtype, head_dim) tables of the attention ops: per op, the ONE place that maps the runtime pair
+// to a template instantiation. An op's launcher (to launch), its *_supported function (to answer) and
+// its error messages (to list what is supported) all go through the op's table, so they cannot
+// disagree.
 //
-// To build another head_dim, add it to EET_VARLEN_HEAD_DIMS (the kernel needs head_dim % 16 == 0);
-// to build another element type, add it to EET_VARLEN_DTYPES (and give it a load/store overload in
-// common.cuh).
+//   VarlenTable: eet_varlen_attention      PrepadTable: eet_prepad_attention
+//
+// To build another head_dim for an op, add it to that op's HeadDimList (the kernels need
+// head_dim % 16 == 0); to build another element type, define its Dtype* entry below, add it to the
+// op's DtypeList (and give it a load/store overload in common.cuh).
 #pragma once
 
 #include <cuda_fp16.h>
 #include <stdint.h>
 
 #include <string>
+#include <utility>
 
 #include "eet_attention.h"
 
-// X(enum value, element type, short name)
-#define EET_VARLEN_DTYPES(X)                \
-  X(EET_DTYPE_FP32, float, "fp32")          \
-  X(EET_DTYPE_FP16, __half, "fp16")
-
-// X(head_dim)
-#define EET_VARLEN_HEAD_DIMS(X) X(32) X(64) X(80) X(96) X(128)
-
 namespace eet {
+
+// Element types: the EetDtype code, the C++ type and the short name used in messages.
+struct DtypeFp32 {
+  static constexpr int32_t kCode = EET_DTYPE_FP32;
+  using Element = float;
+  static constexpr const char* kName = "fp32";
+};
+struct DtypeFp16 {
+  static constexpr int32_t kCode = EET_DTYPE_FP16;
+  using Element = __half;
+  static constexpr const char* kName = "fp16";
+};
+
+template <typename... Dtypes>
+struct DtypeList {};
+template <int... HeadDims>
+struct HeadDimList {};
 
 // The compile-time pair handed to a dispatch callback.
 template <typename T, int HeadDim>
-struct VarlenInstance {
+struct KernelInstance {
   using Element = T;
   static constexpr int kHeadDim = HeadDim;
 };
+template <typename T, int HeadDim>
+using VarlenInstance = KernelInstance<T, HeadDim>;
 
-// The head_dim half of dispatch_varlen (use dispatch_varlen, not this).
-template <typename T, typename F>
-inline bool dispatch_varlen_head_dim(int32_t head_dim, F& f) {
-  switch (head_dim) {
-#define EET_VARLEN_HEAD_DIM_CASE(HD)   \
-  case HD:                             \
-    f(VarlenInstance<T, HD>{});        \
-    return true;
-    EET_VARLEN_HEAD_DIMS(EET_VARLEN_HEAD_DIM_CASE)
-#undef EET_VARLEN_HEAD_DIM_CASE
-    default:
-      return false;
+template <typename Dtypes, typename HeadDims>
+struct DispatchTable;
+
+// Every dtype of Dtypes x every head_dim of HeadDims.
+template <typename... Dtypes, int... HeadDims>
+struct DispatchTable<DtypeList<Dtypes...>, HeadDimList<HeadDims...>> {
+  static_assert(sizeof...(Dtypes) > 0 && sizeof...(HeadDims) > 0, "empty dispatch table");
+  static_assert(((HeadDims % 16 == 0 && HeadDims > 0) && ...), "head_dim must be a multiple of 16");
+
+  // Calls f(KernelInstance<T, head_dim>{}) and returns true when (dtype, head_dim) is in the table;
+  // returns false and calls nothing otherwise.
+  template <typename F>
+  static bool dispatch(int32_t dtype, int32_t head_dim, F&& f) {
+    bool found = false;
+    (void)((dtype == Dtypes::kCode
+                ? (found = dispatch_head_dim<typename Dtypes::Element>(head_dim, f), true)
+                : false) ||
+           ...);
+    return found;
   }
-}
 
-// Calls f(VarlenInstance<T, head_dim>{}) and returns true when (dtype, head_dim) is in the table
-// (every dtype of EET_VARLEN_DTYPES x every head_dim of EET_VARLEN_HEAD_DIMS); returns false and calls
-// nothing otherwise.
+  // True when the table knows `dtype` (for at least one head_dim).
+  static bool dtype_known(int32_t dtype) { return ((dtype == Dtypes::kCode) || ...); }
+
+  // "0 (fp32), 1 (fp16)"
+  static std::string supported_dtypes() {
+    std::string s;
+    ((s += (s.empty() ? "" : ", ") + std::to_string(Dtypes::kCode) + " (" + Dtypes::kName + ")"),
+     ...);
+    return s;
+  }
+
+  // The short name of a known dtype ("fp16"), or its number.
+  static std::string dtype_name(int32_t dtype) {
+    std::string s;
+    (void)((dtype == Dtypes::kCode ? (s = Dtypes::kName, true) : false) || ...);
+    return s.empty() ? std::to_string(dtype) : s;
+  }
+
+  // "32, 64, 80": the head dims built for `dtype` ("" for an unknown dtype).
+  static std::string supported_head_dims(int32_t dtype) {
+    std::string s;
+    if (!dtype_known(dtype)) return s;
+    ((s += (s.empty() ? "" : ", ") + std::to_string(HeadDims)), ...);
+    return s;
+  }
+
+ private:
+  template <typename T, typename F>
+  static bool dispatch_head_dim(int32_t head_dim, F& f) {
+    return ((head_dim == HeadDims ? (f(KernelInstance<T, HeadDims>{}), true) : false) || ...);
+  }
+};
+
+// eet_varlen_attention
+using VarlenTable = DispatchTable<DtypeList<DtypeFp32, DtypeFp16>, HeadDimList<32, 64, 80, 96, 128>>;
+
+// eet_prepad_attention
+using PrepadTable = DispatchTable<DtypeList<DtypeFp32, DtypeFp16>, HeadDimList<32, 64, 80, 96, 128>>;
+
+// The varlen names used by varlen_attention.cu (thin forwards to VarlenTable).
 template <typename F>
 inline bool dispatch_varlen(int32_t dtype, int32_t head_dim, F&& f) {
-  switch (dtype) {
-#define EET_VARLEN_DTYPE_CASE(DTYPE, TYPE, NAME) \
-  case DTYPE:                                    \
-    return dispatch_varlen_head_dim<TYPE>(head_dim, f);
-    EET_VARLEN_DTYPES(EET_VARLEN_DTYPE_CASE)
-#undef EET_VARLEN_DTYPE_CASE
-    default:
-      return false;
-  }
+  return VarlenTable::dispatch(dtype, head_dim, std::forward<F>(f));
 }
-
-// True when dispatch_varlen knows `dtype` for at least one head_dim.
-inline bool varlen_dtype_known(int32_t dtype) {
-  bool known = false;
-#define EET_VARLEN_PROBE_HEAD_DIM(HD) known = known || dispatch_varlen(dtype, HD, [](auto) {});
-  EET_VARLEN_HEAD_DIMS(EET_VARLEN_PROBE_HEAD_DIM)
-#undef EET_VARLEN_PROBE_HEAD_DIM
-  return known;
-}
-
-// "0 (fp32), 1 (fp16)"
-inline std::string varlen_supported_dtypes() {
-  std::string s;
-#define EET_VARLEN_DTYPE_NAME(DTYPE, TYPE, NAME)                                   \
-  s += (s.empty() ? "" : ", ") + std::to_string(static_cast<int>(DTYPE)) + " (" + \
-       NAME + ")";
-  EET_VARLEN_DTYPES(EET_VARLEN_DTYPE_NAME)
-#undef EET_VARLEN_DTYPE_NAME
-  return s;
-}
-
-// The short name of a known dtype ("fp16"), or its number.
-inline std::string varlen_dtype_name(int32_t dtype) {
-#define EET_VARLEN_DTYPE_NAME_CASE(DTYPE, TYPE, NAME) \
-  if (dtype == static_cast<int32_t>(DTYPE)) return NAME;
-  EET_VARLEN_DTYPES(EET_VARLEN_DTYPE_NAME_CASE)
-#undef EET_VARLEN_DTYPE_NAME_CASE
-  return std::to_string(dtype);
-}
-
-// "32, 64, 80" : the head dims built for `dtype`.
+inline bool varlen_dtype_known(int32_t dtype) { return VarlenTable::dtype_known(dtype); }
+inline std::string varlen_supported_dtypes() { return VarlenTable::supported_dtypes(); }
+inline std::string varlen_dtype_name(int32_t dtype) { return VarlenTable::dtype_name(dtype); }
 inline std::string varlen_supported_head_dims(int32_t dtype) {
-  std::string s;
-#define EET_VARLEN_HEAD_DIM_NAME(HD) \
-  if (dispatch_varlen(dtype, HD, [](auto) {})) s += (s.empty() ? "" : ", ") + std::to_string(HD);
-  EET_VARLEN_HEAD_DIMS(EET_VARLEN_HEAD_DIM_NAME)
-#undef EET_VARLEN_HEAD_DIM_NAME
-  return s;
+  return VarlenTable::supported_head_dims(dtype);
 }
 
 }  // namespace eet

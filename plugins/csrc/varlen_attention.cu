@@ -36,6 +36,7 @@
 #include "common.cuh"
 #include "dispatch.h"
 #include "eet_attention.h"
+#include "errors.h"
 
 #ifndef EET_CUDA_ARCHITECTURES_STR
 #define EET_CUDA_ARCHITECTURES_STR "unknown"
@@ -297,19 +298,6 @@ __global__ void __launch_bounds__(VarlenTile<D>::kThreads)
   }
 }
 
-thread_local std::string g_last_error;
-
-cudaError_t fail(cudaError_t code, const std::string& message) {
-  g_last_error = message;
-  return code;
-}
-
-cudaError_t invalid(const std::string& message) { return fail(cudaErrorInvalidValue, message); }
-
-std::string cuda_error_text(cudaError_t err) {
-  return std::string(cudaGetErrorName(err)) + " (" + cudaGetErrorString(err) + ")";
-}
-
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 template <typename T, int D>
@@ -445,7 +433,7 @@ cudaError_t validate(const EetVarlenAttentionParams& p, bool* nothing_to_do) {
 extern "C" cudaError_t eet_varlen_attention(const EetVarlenAttentionParams* params,
                                             cudaStream_t stream) {
   try {
-    eet::g_last_error.clear();
+    eet::clear_last_error();
     if (params == nullptr) return eet::invalid("params is NULL");
     const EetVarlenAttentionParams p = *params;
     bool nothing_to_do = false;
@@ -458,11 +446,7 @@ extern "C" cudaError_t eet_varlen_attention(const EetVarlenAttentionParams* para
     });
     return err;
   } catch (...) {  // std::string allocation failed: no exception may cross the C ABI
-    try {
-      eet::g_last_error = "out of host memory";
-    } catch (...) {
-    }
-    return cudaErrorMemoryAllocation;
+    return eet::out_of_host_memory();
   }
 }
 
@@ -470,6 +454,7 @@ extern "C" int eet_varlen_attention_supported(int32_t dtype, int32_t head_dim) {
   return eet::dispatch_varlen(dtype, head_dim, [](auto) {}) ? 1 : 0;
 }
 
-extern "C" const char* eet_last_error_message(void) { return eet::g_last_error.c_str(); }
+// eet_last_error_message() lives in errors.cu, with the message every launcher shares.
 
-extern "C" int32_t eet_abi_version(void) { return 1; }
+// 2: EetPrepadAttentionParams and eet_prepad_attention were added.
+extern "C" int32_t eet_abi_version(void) { return 2; }

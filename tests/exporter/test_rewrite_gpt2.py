@@ -39,10 +39,12 @@ def exported_gpt2(tmp_path_factory, gpt2_config_file):
 
 
 def hf_alone(model, prompts, new_tokens):
+    """Hugging Face greedy tokens for each prompt alone (explicit all-ones mask: without it, generate would
+    treat prompt tokens equal to pad_token_id as padding)."""
     import torch
 
     with torch.no_grad():
-        return [model.generate(torch.tensor([p]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        return [model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                do_sample=False, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
 
 

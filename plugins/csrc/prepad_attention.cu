@@ -1,0 +1,866 @@
+// Pre-padding attention with a KV cache (GPT-2 generation, EET): the eet_prepad_attention C ABI of
+// eet_attention.h.
+//
+// Two kernels, in this order on the caller's stream (the attention of one (row, head) reads keys that
+// other blocks append, so the append must be complete first):
+//
+// 1. prepad_append_kernel: k_cache[b, h, s + i, :] = k[b, i, h, :] (and v likewise).
+//    grid = (seq, min(batch, 65535)) blocks of 128 threads, a block per token row (b, i) (looping
+//    over b in steps of gridDim.y); its threads copy the row's num_heads * head_dim elements of K
+//    and V as raw 16-byte vectors (or element by element when a pointer or row stride does not allow
+//    it). Positions outside [0, max_len) are skipped.
+//
+// 2a. seq > 1 (context): prepad_context_kernel, the tiling of varlen_attention.cu on the cache.
+//    grid  = (ceil(seq / kBlockM), num_heads, min(batch, 65535)); blocks loop over batch in steps of
+//            gridDim.z, and blockIdx.x runs from the last (longest) query tile to the first.
+//    block = 128 threads = 32 quads of 4 lanes; kBlockM = 64 query rows of one (b, h), quad g owns
+//            rows g and g + 32. Query row r sits at cache position p_r = s + m0 + r.
+//    Key tiles (kBlockN = 32 cache rows) run over [pad, min(s + m0 + rows, max_len)): the keys before
+//    the row's pad length are not loaded at all, and no tile starts past the tile's last query
+//    position. Per tile: K, V to shared memory as fp32 (rows past the range zero-filled, not read),
+//    S = Q K^T (2 rows x 8 keys per thread), the causal mask j <= p_r (a row with p_r < pad has no
+//    key at all), online softmax in the log2 domain (a running max of -inf is taken as 0, so rows
+//    without a key so far stay at l = 0, O = 0, never NaN), P to shared memory, O += P V (2 rows x
+//    head_dim / 4 columns per thread, fp32 registers). Rows with l = 0 or a position outside
+//    [0, max_len) write zeros.
+//    Shared memory as varlen: (kBlockM + 2 kBlockN)(D + 4) + kBlockM (kBlockN + 4) floats.
+//
+// 2b. seq == 1 (decode, memory bound): prepad_decode_kernel, one block per (b, h) (looping over b),
+//    4 or 8 warps (more when batch * num_heads is small next to the GPU's multiprocessor count).
+//    A cache row of D elements is kVecs 16-byte vectors; a group of kLanesPerKey lanes (a power of
+//    two <= 8 dividing kVecs) reads one key row, each lane kVecsPerLane vectors of it, so a warp
+//    reads 32 / kLanesPerKey adjacent cache rows at a time. Each group handles kKeysPerGroup keys per
+//    iteration and issues all their K and V loads (16-byte, read-only path) before using any.
+//    Dot products are reduced over the group's lanes by xor-shuffles; each group keeps its own
+//    online-softmax state (m, l and its lanes' slices of O in fp32 registers). At the end the groups
+//    of a warp are merged by shuffles, the warps through shared memory, and O / l is written (zeros
+//    when the row has no key).
+//
+// Every register array is indexed by compile-time constants (fully unrolled loops); no kernel
+// spills (see -DEET_PTXAS_VERBOSE=ON). Global memory outside the rows, columns and cache positions
+// described in eet_attention.h is never read or written, whatever *step and pad_lengths hold.
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <atomic>
+#include <cmath>
+#include <initializer_list>
+#include <string>
+
+#include "common.cuh"
+#include "dispatch.h"
+#include "eet_attention.h"
+#include "errors.h"
+
+#ifndef EET_CUDA_ARCHITECTURES_STR
+#define EET_CUDA_ARCHITECTURES_STR "unknown"
+#endif
+
+namespace eet {
+namespace {
+
+// What the kernels read; built from EetPrepadAttentionParams once validated.
+struct PrepadArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  void* k_cache;
+  void* v_cache;
+  const int32_t* pad_lengths;
+  const int32_t* step;
+  int64_t q_stride;
+  int64_t k_stride;
+  int64_t v_stride;
+  int64_t o_stride;
+  int32_t batch;
+  int32_t seq;
+  int32_t num_heads;
+  int32_t max_len;
+  float scale_log2;        // scale * log2(e): scores are kept in the log2 domain
+  int32_t append_vec;      // 1: k, v and both caches allow 16-byte accesses
+  int32_t attention_vec;   // 1: q, out and both caches allow 16-byte accesses
+};
+
+// ------------------------------------------------------------------------------------------------
+// Small device helpers
+
+// 16 bytes (one vector of kElems elements) at p as raw bits: one read-only vector load when vec
+// (p 16-byte aligned), else element by element.
+template <typename T>
+__device__ __forceinline__ uint4 load_raw16(const T* __restrict__ p, bool vec) {
+  constexpr int E = VecTraits<T>::kElems;
+  static_assert(E * sizeof(T) == sizeof(uint4), "16-byte vectors");
+  if (vec) return __ldg(reinterpret_cast<const uint4*>(p));
+  T tmp[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) tmp[e] = p[e];
+  uint4 r;
+  memcpy(&r, tmp, sizeof(r));
+  return r;
+}
+
+// The kElems elements of a raw 16-byte vector as floats.
+__device__ __forceinline__ void unpack16(const uint4& r, float (&f)[4], float) {
+  f[0] = __uint_as_float(r.x);
+  f[1] = __uint_as_float(r.y);
+  f[2] = __uint_as_float(r.z);
+  f[3] = __uint_as_float(r.w);
+}
+
+__device__ __forceinline__ void unpack16(const uint4& r, float (&f)[8], __half) {
+  const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    __half2 h;
+    memcpy(&h, &w[i], sizeof(h));
+    const float2 x = __half22float2(h);
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+
+// The cache row (b, h, position 0) of a [batch, num_heads, max_len, D] cache.
+template <typename T, int D>
+__device__ __forceinline__ T* cache_head(void* cache, int64_t b, int h, int32_t num_heads,
+                                         int32_t max_len) {
+  return static_cast<T*>(cache) + ((b * num_heads + h) * static_cast<int64_t>(max_len)) * D;
+}
+
+// ------------------------------------------------------------------------------------------------
+// 1. Append
+
+constexpr int kAppendThreads = 128;
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kAppendThreads) prepad_append_kernel(const PrepadArgs a) {
+  constexpr int E = VecTraits<T>::kElems;
+  constexpr int kVecs = D / E;  // 16-byte vectors per head
+  static_assert(D % E == 0, "head_dim must fill whole 16-byte vectors");
+  const int64_t pos = __ldg(a.step) + static_cast<int64_t>(blockIdx.x);  // token i = blockIdx.x
+  if (pos < 0 || pos >= a.max_len) return;  // block-uniform; only a broken contract gets here
+  const bool vec = a.append_vec != 0;
+
+  for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
+    const int64_t bi = b * a.seq + blockIdx.x;
+    const T* k_row = static_cast<const T*>(a.k) + bi * a.k_stride;
+    const T* v_row = static_cast<const T*>(a.v) + bi * a.v_stride;
+    if (vec) {
+      for (int c = threadIdx.x; c < a.num_heads * kVecs; c += kAppendThreads) {
+        const int h = c / kVecs;
+        const int d = (c - h * kVecs) * E;
+        const int64_t dst = pos * D + d;
+        *reinterpret_cast<uint4*>(cache_head<T, D>(a.k_cache, b, h, a.num_heads, a.max_len) +
+                                  dst) = __ldg(reinterpret_cast<const uint4*>(k_row + h * D + d));
+        *reinterpret_cast<uint4*>(cache_head<T, D>(a.v_cache, b, h, a.num_heads, a.max_len) +
+                                  dst) = __ldg(reinterpret_cast<const uint4*>(v_row + h * D + d));
+      }
+    } else {
+      for (int c = threadIdx.x; c < a.num_heads * D; c += kAppendThreads) {
+        const int h = c / D;
+        const int64_t dst = pos * D + (c - h * D);
+        cache_head<T, D>(a.k_cache, b, h, a.num_heads, a.max_len)[dst] = k_row[c];
+        cache_head<T, D>(a.v_cache, b, h, a.num_heads, a.max_len)[dst] = v_row[c];
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// 2a. Context attention (seq > 1)
+
+template <int D>
+struct ContextTile {
+  static constexpr int kThreads = 128;
+  static constexpr int kBlockM = 64;                     // query rows per block
+  static constexpr int kBlockN = 32;                     // keys per shared-memory tile
+  static constexpr int kQuads = kThreads / 4;            // groups of 4 adjacent lanes
+  static constexpr int kRows = kBlockM / kQuads;         // query rows per thread (2)
+  static constexpr int kKeys = kBlockN / 4;              // keys per thread per tile (8)
+  static constexpr int kChunks = D / 16;                 // float4 output chunks per thread and row
+  static constexpr int kLd = D + 4;                      // row stride (floats) of the Q, K, V tiles
+  static constexpr int kLdP = kBlockN + 4;               // row stride (floats) of the P tile
+  static constexpr int kSmemFloats = (kBlockM + 2 * kBlockN) * kLd + kBlockM * kLdP;
+  static constexpr size_t kSmemBytes = static_cast<size_t>(kSmemFloats) * sizeof(float);
+
+  static_assert(D % 16 == 0, "head_dim must be a multiple of 16");
+  static_assert(kRows == 2, "the kernel is written for 2 query rows per thread");
+  static_assert(kBlockN % 4 == 0 && kLd % 4 == 0 && kLdP % 4 == 0, "float4 alignment");
+};
+
+// Loads rows [0, valid_rows) of a ROWS x D tile (row r at src + r * stride) into dst (row stride ld,
+// fp32), multiplied by mul; rows [valid_rows, ROWS) are zero-filled and not read.
+template <typename T, int D, int ROWS, int THREADS>
+__device__ __forceinline__ void load_tile(const T* __restrict__ src, int64_t stride, int valid_rows,
+                                          float mul, bool vectorized, float* __restrict__ dst,
+                                          int ld) {
+  if (vectorized) {
+    constexpr int E = VecTraits<T>::kElems;
+    constexpr int VPR = D / E;  // vectors per row
+    static_assert(D % E == 0, "head_dim must fill whole 16-byte vectors");
+    for (int i = threadIdx.x; i < ROWS * VPR; i += THREADS) {
+      const int r = i / VPR;
+      const int c = (i - r * VPR) * E;
+      float f[E];
+      if (r < valid_rows) {
+        load16(src + r * stride + c, f);
+#pragma unroll
+        for (int e = 0; e < E; ++e) f[e] *= mul;
+      } else {
+#pragma unroll
+        for (int e = 0; e < E; ++e) f[e] = 0.f;
+      }
+      float* d = dst + r * ld + c;
+#pragma unroll
+      for (int e = 0; e < E; e += 4) {
+        *reinterpret_cast<float4*>(d + e) = make_float4(f[e], f[e + 1], f[e + 2], f[e + 3]);
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < ROWS * D; i += THREADS) {
+      const int r = i / D;
+      const int c = i - r * D;
+      dst[r * ld + c] = r < valid_rows ? to_float(src[r * stride + c]) * mul : 0.f;
+    }
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(ContextTile<D>::kThreads)
+    prepad_context_kernel(const PrepadArgs a) {
+  using Tile = ContextTile<D>;
+  constexpr int kBlockM = Tile::kBlockM;
+  constexpr int kBlockN = Tile::kBlockN;
+  constexpr int kLd = Tile::kLd;
+  constexpr int kLdP = Tile::kLdP;
+  constexpr int kKeys = Tile::kKeys;
+  constexpr int kChunks = Tile::kChunks;
+  constexpr unsigned kFull = 0xffffffffu;
+
+  extern __shared__ float4 smem_f4[];
+  float* const q_s = reinterpret_cast<float*>(smem_f4);  // [kBlockM][kLd]
+  float* const k_s = q_s + kBlockM * kLd;                // [kBlockN][kLd]
+  float* const v_s = k_s + kBlockN * kLd;                // [kBlockN][kLd]
+  float* const p_s = v_s + kBlockN * kLd;                // [kBlockM][kLdP]
+
+  const int tid = threadIdx.x;
+  const int quad = tid >> 2;  // the 4 lanes of a quad sit in one warp
+  const int t = tid & 3;
+  const int rows[2] = {quad, quad + Tile::kQuads};  // this thread's local query rows
+  // The last query tiles have the most keys: let them start first.
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;
+  const int h = blockIdx.y;
+  const int valid_m = min(kBlockM, a.seq - m0);  // >= 1: the grid covers seq exactly
+  const bool vec = a.attention_vec != 0;
+  const int64_t s = __ldg(a.step);
+  const int64_t tile_pos = s + m0;  // cache position of local query row 0
+
+  // Keys of the whole tile: [n_start, n_end), n_end = min(last position + 1, max_len) (<= 0: none).
+  const int64_t last_excl = tile_pos + valid_m;
+  const int n_end = static_cast<int>(last_excl < 0 ? 0 : (last_excl > a.max_len ? a.max_len
+                                                                                 : last_excl));
+  // Row r sees the keys j in [pad, n_end) with j - r <= pos0 (j <= p_r). pos0 is tile_pos clamped
+  // to int: below -kBlockM there is no key at all, and above max_len the mask is moot (j < max_len);
+  // rows at positions outside [0, max_len) are zeroed at the end instead.
+  const int pos0 = static_cast<int>(tile_pos < -kBlockM ? -kBlockM
+                                                        : (tile_pos > a.max_len ? a.max_len
+                                                                                : tile_pos));
+
+  for (int64_t b = blockIdx.z; b < a.batch; b += gridDim.z) {
+    const int n_start = max(__ldg(a.pad_lengths + b), 0);
+    const T* k_head = cache_head<T, D>(a.k_cache, b, h, a.num_heads, a.max_len);
+    const T* v_head = cache_head<T, D>(a.v_cache, b, h, a.num_heads, a.max_len);
+
+    float o[2][4 * kChunks];
+    float m[2];
+    float l[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      m[i] = -INFINITY;
+      l[i] = 0.f;
+#pragma unroll
+      for (int c = 0; c < 4 * kChunks; ++c) o[i][c] = 0.f;
+    }
+
+    if (n_start < n_end) {  // block-uniform; else every row of the tile is padding: zeros
+      __syncthreads();  // the previous row of this block is done with shared memory
+      const T* q = static_cast<const T*>(a.q) + (b * a.seq + m0) * a.q_stride +
+                   static_cast<int64_t>(h) * D;
+      load_tile<T, D, kBlockM, Tile::kThreads>(q, a.q_stride, valid_m, a.scale_log2, vec, q_s,
+                                               kLd);
+    }
+
+    for (int n0 = n_start; n0 < n_end; n0 += kBlockN) {
+      const int valid_n = min(kBlockN, n_end - n0);  // >= 1
+      __syncthreads();  // everyone is done with the previous K, V (and P) tile
+      load_tile<T, D, kBlockN, Tile::kThreads>(k_head + static_cast<int64_t>(n0) * D, D, valid_n,
+                                               1.f, vec, k_s, kLd);
+      load_tile<T, D, kBlockN, Tile::kThreads>(v_head + static_cast<int64_t>(n0) * D, D, valid_n,
+                                               1.f, vec, v_s, kLd);
+      __syncthreads();  // K, V (and on the first tile Q) are in shared memory
+
+      // S = Q K^T for rows[0..1] x keys {t, t + 4, ..., t + 4 (kKeys - 1)} (log2 domain).
+      float sc[2][kKeys];
+#pragma unroll
+      for (int j = 0; j < kKeys; ++j) sc[0][j] = sc[1][j] = 0.f;
+      const float* q0 = q_s + rows[0] * kLd;
+      const float* q1 = q_s + rows[1] * kLd;
+      const float* kt = k_s + t * kLd;
+#pragma unroll
+      for (int d = 0; d < D; d += 4) {
+        const float4 x = *reinterpret_cast<const float4*>(q0 + d);
+        const float4 y = *reinterpret_cast<const float4*>(q1 + d);
+#pragma unroll
+        for (int j = 0; j < kKeys; ++j) {
+          const float4 kv = *reinterpret_cast<const float4*>(kt + 4 * j * kLd + d);
+          sc[0][j] = fmaf(x.x, kv.x, sc[0][j]);
+          sc[0][j] = fmaf(x.y, kv.y, sc[0][j]);
+          sc[0][j] = fmaf(x.z, kv.z, sc[0][j]);
+          sc[0][j] = fmaf(x.w, kv.w, sc[0][j]);
+          sc[1][j] = fmaf(y.x, kv.x, sc[1][j]);
+          sc[1][j] = fmaf(y.y, kv.y, sc[1][j]);
+          sc[1][j] = fmaf(y.z, kv.z, sc[1][j]);
+          sc[1][j] = fmaf(y.w, kv.w, sc[1][j]);
+        }
+      }
+      // Causal mask j <= p_r; it also masks the keys past valid_n (j >= n_end > p_r for rows inside
+      // [0, max_len)). Rows with p_r < pad have no key left: the loop starts at pad. The assignment
+      // replaces the NaN that a padded query row may have produced.
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int j = 0; j < kKeys; ++j) {
+          if (n0 + 4 * j + t - rows[i] > pos0) sc[i][j] = -INFINITY;
+        }
+      }
+
+      // Online softmax. A row may have no valid key in this tile (or yet): its running max stays
+      // -inf, and it is taken as 0 for the exponentials so that they are 0, never NaN.
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        float mx = sc[i][0];
+#pragma unroll
+        for (int j = 1; j < kKeys; ++j) mx = fmaxf(mx, sc[i][j]);
+        mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 2));
+        const float m_new = fmaxf(m[i], mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+        const float rescale = exp2f(m[i] - m_use);  // 0 while m[i] = -inf
+        m[i] = m_new;
+#pragma unroll
+        for (int c = 0; c < 4 * kChunks; ++c) o[i][c] *= rescale;
+        float psum = 0.f;
+        float* prow = p_s + rows[i] * kLdP + t;
+#pragma unroll
+        for (int j = 0; j < kKeys; ++j) {
+          const float p = exp2f(sc[i][j] - m_use);  // 0 for masked keys
+          psum += p;
+          prow[4 * j] = p;
+        }
+        l[i] = fmaf(l[i], rescale, psum);  // partial over this thread's keys; summed at the end
+      }
+      // A quad reads only the P rows it wrote itself, and a quad lives in one warp.
+      __syncwarp();
+
+      // O += P V over the loaded keys (V rows past valid_n are zero and P is 0 there anyway).
+      const float* p0 = p_s + rows[0] * kLdP;
+      const float* p1 = p_s + rows[1] * kLdP;
+      const float* vt = v_s + 4 * t;
+#pragma unroll 2
+      for (int j = 0; j < valid_n; j += 4) {
+        const float4 pa = *reinterpret_cast<const float4*>(p0 + j);
+        const float4 pb = *reinterpret_cast<const float4*>(p1 + j);
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          const float wa = f4_get(pa, kk);
+          const float wb = f4_get(pb, kk);
+          const float* vrow = vt + (j + kk) * kLd;
+#pragma unroll
+          for (int c = 0; c < kChunks; ++c) {
+            const float4 vv = *reinterpret_cast<const float4*>(vrow + 16 * c);
+            o[0][4 * c + 0] = fmaf(wa, vv.x, o[0][4 * c + 0]);
+            o[0][4 * c + 1] = fmaf(wa, vv.y, o[0][4 * c + 1]);
+            o[0][4 * c + 2] = fmaf(wa, vv.z, o[0][4 * c + 2]);
+            o[0][4 * c + 3] = fmaf(wa, vv.w, o[0][4 * c + 3]);
+            o[1][4 * c + 0] = fmaf(wb, vv.x, o[1][4 * c + 0]);
+            o[1][4 * c + 1] = fmaf(wb, vv.y, o[1][4 * c + 1]);
+            o[1][4 * c + 2] = fmaf(wb, vv.z, o[1][4 * c + 2]);
+            o[1][4 * c + 3] = fmaf(wb, vv.w, o[1][4 * c + 3]);
+          }
+        }
+      }
+      // The __syncthreads at the top of the next tile orders these P and V reads before the rewrites.
+    }
+
+    // Full softmax denominators (every lane takes part in the shuffles), then O / l for own rows;
+    // l = 0 (no key) gives zeros.
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      l[i] += __shfl_xor_sync(kFull, l[i], 1);
+      l[i] += __shfl_xor_sync(kFull, l[i], 2);
+    }
+    T* out = static_cast<T*>(a.out) + (b * a.seq + m0) * a.o_stride + static_cast<int64_t>(h) * D +
+             4 * t;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      if (rows[i] < valid_m) {
+        const int64_t pos = tile_pos + rows[i];
+        // l >= 1 when the row has a key; l = 0 and out-of-range positions give zeros.
+        const float inv = (l[i] > 0.f && pos >= 0 && pos < a.max_len) ? 1.f / l[i] : 0.f;
+        T* dst = out + static_cast<int64_t>(rows[i]) * a.o_stride;
+#pragma unroll
+        for (int c = 0; c < kChunks; ++c) {
+          store4(dst + 16 * c, o[i][4 * c] * inv, o[i][4 * c + 1] * inv, o[i][4 * c + 2] * inv,
+                 o[i][4 * c + 3] * inv, vec);
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// 2b. Decode attention (seq == 1)
+
+template <typename T, int D>
+struct DecodeConfig {
+  static constexpr int kElems = VecTraits<T>::kElems;  // elements per 16-byte vector
+  static constexpr int kVecs = D / kElems;             // vectors per cache row
+  // Lanes per key: the largest power of two <= 8 that divides kVecs.
+  static constexpr int kLowBit = kVecs & -kVecs;
+  static constexpr int kLanesPerKey = kLowBit < 8 ? kLowBit : 8;
+  static constexpr int kVecsPerLane = kVecs / kLanesPerKey;
+  // Keys per group and iteration: at most 8 vectors of K (and 8 of V) in flight per lane.
+  static constexpr int kKeysPerGroup = kVecsPerLane <= 2 ? 4 : (kVecsPerLane <= 4 ? 2 : 1);
+  static constexpr int kGroups = 32 / kLanesPerKey;            // key groups per warp
+  static constexpr int kKeysPerWarp = kGroups * kKeysPerGroup;  // keys per warp and iteration
+  static constexpr int kMaxWarps = 8;
+  static constexpr int kMaxThreads = 32 * kMaxWarps;
+
+  static_assert(D % kElems == 0, "head_dim must fill whole 16-byte vectors");
+  static_assert(D % 4 == 0 && D / 4 <= kMaxThreads, "output written 4 elements per thread");
+};
+
+// The minimum of 1 block per multiprocessor keeps ptxas from trading spills for occupancy tiers.
+template <typename T, int D>
+__global__ void __launch_bounds__(DecodeConfig<T, D>::kMaxThreads, 1)
+    prepad_decode_kernel(const PrepadArgs a) {
+  using Cfg = DecodeConfig<T, D>;
+  constexpr int E = Cfg::kElems;
+  constexpr int G = Cfg::kLanesPerKey;
+  constexpr int NV = Cfg::kVecsPerLane;
+  constexpr int U = Cfg::kKeysPerGroup;
+  constexpr int kGroups = Cfg::kGroups;
+  constexpr unsigned kFull = 0xffffffffu;
+
+  __shared__ __align__(16) float o_s[Cfg::kMaxWarps][D];  // per warp: its merged O
+  __shared__ float m_s[Cfg::kMaxWarps];                   // per warp: its running max
+  __shared__ float l_s[Cfg::kMaxWarps];                   // per warp: its softmax denominator
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int warps = blockDim.x >> 5;
+  const int g = lane & (G - 1);  // lane within the key group: vectors g, g + G, ... of a row
+  const int grp = lane / G;      // key group within the warp
+  const int h = blockIdx.x;
+  const bool vec = a.attention_vec != 0;
+  const int64_t s = __ldg(a.step);
+  // The new token's position; keys [pad, n_end). n_end = 0 (no key) if the position is out of range.
+  const int n_end = (s >= 0 && s < a.max_len) ? static_cast<int>(s) + 1 : 0;
+  const int warp_stride = warps * Cfg::kKeysPerWarp;
+
+  for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
+    const int n_start = max(__ldg(a.pad_lengths + b), 0);
+
+    float o[NV][E];
+    float m = -INFINITY;  // the group's running max (identical in its lanes)
+    float l = 0.f;        // the group's softmax denominator (identical in its lanes)
+#pragma unroll
+    for (int v = 0; v < NV; ++v) {
+#pragma unroll
+      for (int e = 0; e < E; ++e) o[v][e] = 0.f;
+    }
+
+    if (n_start < n_end) {  // block-uniform; else the row is padding at this position: zeros
+      // This lane's slices of q, pre-multiplied by scale * log2(e).
+      float qf[NV][E];
+      const T* q = static_cast<const T*>(a.q) + b * a.q_stride + static_cast<int64_t>(h) * D;
+#pragma unroll
+      for (int v = 0; v < NV; ++v) {
+        unpack16(load_raw16(q + (v * G + g) * E, vec), qf[v], T());
+#pragma unroll
+        for (int e = 0; e < E; ++e) qf[v][e] *= a.scale_log2;
+      }
+      const T* k_head = cache_head<T, D>(a.k_cache, b, h, a.num_heads, a.max_len);
+      const T* v_head = cache_head<T, D>(a.v_cache, b, h, a.num_heads, a.max_len);
+
+      // Warp-uniform trip count: every lane takes part in the shuffles.
+      for (int base = n_start + warp * Cfg::kKeysPerWarp; base < n_end; base += warp_stride) {
+        // Keys base + u * kGroups + grp: for a fixed u the warp reads kGroups adjacent rows.
+        uint4 kr[U][NV];
+        uint4 vr[U][NV];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int j = base + u * kGroups + grp;
+          const int64_t row = static_cast<int64_t>(j) * D;
+#pragma unroll
+          for (int v = 0; v < NV; ++v) {
+            if (j < n_end) {
+              kr[u][v] = load_raw16(k_head + row + (v * G + g) * E, vec);
+              vr[u][v] = load_raw16(v_head + row + (v * G + g) * E, vec);
+            } else {
+              kr[u][v] = vr[u][v] = make_uint4(0u, 0u, 0u, 0u);  // 0.0 in fp32 and fp16
+            }
+          }
+        }
+        // Scores (log2 domain), reduced over the group's lanes.
+        float sc[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          float dot = 0.f;
+#pragma unroll
+          for (int v = 0; v < NV; ++v) {
+            float kf[E];
+            unpack16(kr[u][v], kf, T());
+#pragma unroll
+            for (int e = 0; e < E; ++e) dot = fmaf(qf[v][e], kf[e], dot);
+          }
+#pragma unroll
+          for (int off = G / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(kFull, dot, off);
+          sc[u] = base + u * kGroups + grp < n_end ? dot : -INFINITY;
+        }
+        // Online softmax of the group (key u = 0 of a group may be past n_end: m can stay -inf).
+        float mx = sc[0];
+#pragma unroll
+        for (int u = 1; u < U; ++u) mx = fmaxf(mx, sc[u]);
+        const float m_new = fmaxf(m, mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+        const float rescale = exp2f(m - m_use);  // 0 while m = -inf
+        m = m_new;
+        l *= rescale;
+#pragma unroll
+        for (int v = 0; v < NV; ++v) {
+#pragma unroll
+          for (int e = 0; e < E; ++e) o[v][e] *= rescale;
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const float p = exp2f(sc[u] - m_use);  // 0 for keys past n_end
+          l += p;
+#pragma unroll
+          for (int v = 0; v < NV; ++v) {
+            float vf[E];
+            unpack16(vr[u][v], vf, T());
+#pragma unroll
+            for (int e = 0; e < E; ++e) o[v][e] = fmaf(p, vf[e], o[v][e]);
+          }
+        }
+      }
+    }
+
+    // Merge the groups of the warp: lanes with the same g hold the same slice of O.
+    float m_w = m;
+#pragma unroll
+    for (int off = G; off < 32; off <<= 1) m_w = fmaxf(m_w, __shfl_xor_sync(kFull, m_w, off));
+    const float f = m == -INFINITY ? 0.f : exp2f(m - m_w);  // m finite => m_w finite
+    l *= f;
+#pragma unroll
+    for (int v = 0; v < NV; ++v) {
+#pragma unroll
+      for (int e = 0; e < E; ++e) o[v][e] *= f;
+    }
+#pragma unroll
+    for (int off = G; off < 32; off <<= 1) {
+      l += __shfl_xor_sync(kFull, l, off);
+#pragma unroll
+      for (int v = 0; v < NV; ++v) {
+#pragma unroll
+        for (int e = 0; e < E; ++e) o[v][e] += __shfl_xor_sync(kFull, o[v][e], off);
+      }
+    }
+
+    __syncthreads();  // the previous row of this block is done with o_s, m_s, l_s
+    if (grp == 0) {
+#pragma unroll
+      for (int v = 0; v < NV; ++v) {
+#pragma unroll
+        for (int e = 0; e < E; ++e) o_s[warp][(v * G + g) * E + e] = o[v][e];
+      }
+      if (lane == 0) {
+        m_s[warp] = m_w;
+        l_s[warp] = l;
+      }
+    }
+    __syncthreads();
+
+    // Merge the warps: thread t writes elements 4t .. 4t + 3.
+    if (threadIdx.x < D / 4) {
+      float mx = -INFINITY;
+      for (int w = 0; w < warps; ++w) mx = fmaxf(mx, m_s[w]);
+      float den = 0.f;
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int w = 0; w < warps; ++w) {
+        const float fw = m_s[w] == -INFINITY ? 0.f : exp2f(m_s[w] - mx);
+        den = fmaf(fw, l_s[w], den);
+        const float4 x = *reinterpret_cast<const float4*>(&o_s[w][4 * threadIdx.x]);
+        acc[0] = fmaf(fw, x.x, acc[0]);
+        acc[1] = fmaf(fw, x.y, acc[1]);
+        acc[2] = fmaf(fw, x.z, acc[2]);
+        acc[3] = fmaf(fw, x.w, acc[3]);
+      }
+      const float inv = den > 0.f ? 1.f / den : 0.f;  // den >= 1 when the row has a key
+      T* dst = static_cast<T*>(a.out) + b * a.o_stride + static_cast<int64_t>(h) * D +
+               4 * threadIdx.x;
+      store4(dst, acc[0] * inv, acc[1] * inv, acc[2] * inv, acc[3] * inv, vec);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+std::string launch_failure(const char* kernel, int32_t dtype, int head_dim, cudaError_t err) {
+  return std::string(kernel) + " launch failed (dtype " + PrepadTable::dtype_name(dtype) +
+         ", head_dim " + std::to_string(head_dim) + "): " + cuda_error_text(err) +
+         "; this library holds code for CUDA architectures " + EET_CUDA_ARCHITECTURES_STR;
+}
+
+// The current device's multiprocessor count (queried once per device).
+cudaError_t multiprocessor_count(int* count) {
+  static std::atomic<int> counts[64];  // 0: not queried yet
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return fail(err, "cudaGetDevice failed: " + cuda_error_text(err));
+  const bool cached = device >= 0 && device < 64;
+  if (cached) {
+    *count = counts[device].load(std::memory_order_relaxed);
+    if (*count > 0) return cudaSuccess;
+  }
+  err = cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) {
+    return fail(err, "cudaDeviceGetAttribute(MultiProcessorCount) failed: " +
+                         cuda_error_text(err));
+  }
+  if (cached) counts[device].store(*count, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
+template <typename T, int D>
+cudaError_t launch_context(const EetPrepadAttentionParams& p, const PrepadArgs& a,
+                           cudaStream_t stream) {
+  using Tile = ContextTile<D>;
+  constexpr size_t kSmem = Tile::kSmemBytes;
+  const auto kernel = prepad_context_kernel<T, D>;
+
+  if (kSmem > 48 * 1024) {
+    // Opt in to more than 48 KB of dynamic shared memory, once per device.
+    static std::atomic<uint64_t> configured_devices{0};
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) return fail(err, "cudaGetDevice failed: " + cuda_error_text(err));
+    const uint64_t bit = (device >= 0 && device < 64) ? (uint64_t{1} << device) : 0;
+    if (bit == 0 || (configured_devices.load(std::memory_order_relaxed) & bit) == 0) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(kSmem));
+      if (err != cudaSuccess) {
+        return fail(err, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize, " +
+                             std::to_string(kSmem) + ") failed for head_dim " +
+                             std::to_string(D) + ": " + cuda_error_text(err));
+      }
+      configured_devices.fetch_or(bit, std::memory_order_relaxed);
+    }
+  }
+
+  const dim3 grid(static_cast<unsigned>((p.seq + Tile::kBlockM - 1) / Tile::kBlockM),
+                  static_cast<unsigned>(p.num_heads),
+                  static_cast<unsigned>(p.batch < 65535 ? p.batch : 65535));
+  kernel<<<grid, Tile::kThreads, kSmem, stream>>>(a);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return fail(err, launch_failure("context kernel", p.dtype, D, err));
+  return cudaSuccess;
+}
+
+template <typename T, int D>
+cudaError_t launch_decode(const EetPrepadAttentionParams& p, const PrepadArgs& a,
+                          cudaStream_t stream) {
+  using Cfg = DecodeConfig<T, D>;
+  int sms = 0;
+  cudaError_t err = multiprocessor_count(&sms);
+  if (err != cudaSuccess) return err;
+  // 4 warps per (row, head) when there are enough blocks to fill the GPU, else 8; never more warps
+  // than max_len keys need.
+  const int64_t blocks = static_cast<int64_t>(p.batch) * p.num_heads;
+  int warps = blocks >= 2 * static_cast<int64_t>(sms) ? 4 : Cfg::kMaxWarps;
+  const int64_t useful =
+      (static_cast<int64_t>(p.max_len) + Cfg::kKeysPerWarp - 1) / Cfg::kKeysPerWarp;  // >= 1
+  if (useful < warps) warps = static_cast<int>(useful);
+
+  const dim3 grid(static_cast<unsigned>(p.num_heads),
+                  static_cast<unsigned>(p.batch < 65535 ? p.batch : 65535));
+  prepad_decode_kernel<T, D><<<grid, 32 * warps, 0, stream>>>(a);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return fail(err, launch_failure("decode kernel", p.dtype, D, err));
+  return cudaSuccess;
+}
+
+template <typename T, int D>
+cudaError_t launch_prepad(const EetPrepadAttentionParams& p, cudaStream_t stream) {
+  PrepadArgs a;
+  a.q = p.q;
+  a.k = p.k;
+  a.v = p.v;
+  a.out = p.out;
+  a.k_cache = p.k_cache;
+  a.v_cache = p.v_cache;
+  a.pad_lengths = p.pad_lengths;
+  a.step = p.step;
+  a.q_stride = p.q_row_stride;
+  a.k_stride = p.k_row_stride;
+  a.v_stride = p.v_row_stride;
+  a.o_stride = p.out_row_stride;
+  a.batch = p.batch;
+  a.seq = p.seq;
+  a.num_heads = p.num_heads;
+  a.max_len = p.max_len;
+  a.scale_log2 = p.scale * 1.4426950408889634f;
+  // Cache rows are head_dim elements, a whole number of 16-byte vectors: only the base pointers of
+  // the caches matter.
+  constexpr int64_t kVecElems = VecTraits<T>::kElems;
+  static_assert(D % kVecElems == 0, "cache rows must be whole 16-byte vectors");
+  const bool caches = aligned16(p.k_cache) && aligned16(p.v_cache);
+  a.append_vec = caches && aligned16(p.k) && aligned16(p.v) && p.k_row_stride % kVecElems == 0 &&
+                 p.v_row_stride % kVecElems == 0;
+  a.attention_vec = caches && aligned16(p.q) && aligned16(p.out) &&
+                    p.q_row_stride % kVecElems == 0 && p.out_row_stride % kVecElems == 0;
+
+  // 1. Append the new keys and values.
+  const dim3 append_grid(static_cast<unsigned>(p.seq),
+                         static_cast<unsigned>(p.batch < 65535 ? p.batch : 65535));
+  prepad_append_kernel<T, D><<<append_grid, kAppendThreads, 0, stream>>>(a);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return fail(err, launch_failure("append kernel", p.dtype, D, err));
+
+  // 2. Attention over the caches (stream order puts it after the append).
+  return p.seq == 1 ? launch_decode<T, D>(p, a, stream) : launch_context<T, D>(p, a, stream);
+}
+
+// a * b * ... fits int64_t (all factors >= 0).
+bool product_fits(std::initializer_list<int64_t> factors) {
+  int64_t acc = 1;
+  for (const int64_t f : factors) {
+    if (__builtin_mul_overflow(acc, f, &acc)) return false;
+  }
+  return true;
+}
+
+// Checks everything without touching the CUDA runtime, so that it is safe without a GPU.
+// Order: dtype/head_dim, sizes, strides, index ranges; seq == 0 then succeeds (pointers may be NULL
+// for empty tensors); then the pointers.
+cudaError_t validate(const EetPrepadAttentionParams& p, bool* nothing_to_do) {
+  *nothing_to_do = false;
+  if (!PrepadTable::dtype_known(p.dtype)) {
+    return invalid("dtype " + std::to_string(p.dtype) + " is not supported (supported dtypes: " +
+                   PrepadTable::supported_dtypes() + ")");
+  }
+  if (!PrepadTable::dispatch(p.dtype, p.head_dim, [](auto) {})) {
+    return invalid("head_dim " + std::to_string(p.head_dim) + " is not supported for dtype " +
+                   PrepadTable::dtype_name(p.dtype) + " (supported head_dim: " +
+                   PrepadTable::supported_head_dims(p.dtype) + ")");
+  }
+  if (p.batch < 1) return invalid("batch must be >= 1, got " + std::to_string(p.batch));
+  if (p.num_heads < 1) {
+    return invalid("num_heads must be >= 1, got " + std::to_string(p.num_heads));
+  }
+  if (p.num_heads > 65535) {
+    return invalid("num_heads must be <= 65535 (one grid dimension), got " +
+                   std::to_string(p.num_heads));
+  }
+  if (p.max_len < 1) return invalid("max_len must be >= 1, got " + std::to_string(p.max_len));
+  if (p.seq < 0) return invalid("seq must be >= 0, got " + std::to_string(p.seq));
+  if (p.seq > p.max_len) {
+    return invalid("seq (" + std::to_string(p.seq) + ") must be <= max_len (" +
+                   std::to_string(p.max_len) + "): the new tokens must fit in the cache");
+  }
+  if (!std::isfinite(p.scale)) {
+    return invalid("scale must be finite, got " + std::to_string(p.scale));
+  }
+  const int64_t row = static_cast<int64_t>(p.num_heads) * p.head_dim;
+  const struct {
+    const char* name;
+    int64_t value;
+  } strides[] = {{"q_row_stride", p.q_row_stride},
+                 {"k_row_stride", p.k_row_stride},
+                 {"v_row_stride", p.v_row_stride},
+                 {"out_row_stride", p.out_row_stride}};
+  for (const auto& s : strides) {
+    if (s.value < row) {
+      return invalid(std::string(s.name) + " (" + std::to_string(s.value) +
+                     " elements) must be >= num_heads * head_dim (" + std::to_string(row) + ")");
+    }
+    if (!product_fits({p.batch, p.seq, s.value, 4})) {
+      return invalid(std::string(s.name) + " (" + std::to_string(s.value) +
+                     ") times batch * seq overflows 64-bit byte offsets");
+    }
+  }
+  if (!product_fits({p.batch, p.num_heads, p.max_len, p.head_dim, 4})) {
+    return invalid("the caches (batch * num_heads * max_len * head_dim = " +
+                   std::to_string(p.batch) + " * " + std::to_string(p.num_heads) + " * " +
+                   std::to_string(p.max_len) + " * " + std::to_string(p.head_dim) +
+                   ") overflow 64-bit byte offsets");
+  }
+  if (p.seq == 0) {
+    *nothing_to_do = true;
+    return cudaSuccess;
+  }
+  const struct {
+    const char* name;
+    const void* ptr;
+  } pointers[] = {{"q", p.q},
+                  {"k", p.k},
+                  {"v", p.v},
+                  {"out", p.out},
+                  {"k_cache", p.k_cache},
+                  {"v_cache", p.v_cache},
+                  {"pad_lengths", p.pad_lengths},
+                  {"step", p.step}};
+  for (const auto& ptr : pointers) {
+    if (ptr.ptr == nullptr) {
+      return invalid(std::string(ptr.name) + " is NULL (seq = " + std::to_string(p.seq) + ")");
+    }
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+}  // namespace eet
+
+// Every call resets this thread's message; a call that fails sets it (for launch failures too, not
+// only cudaErrorInvalidValue), so after a failing call eet_last_error_message() describes that call.
+extern "C" cudaError_t eet_prepad_attention(const EetPrepadAttentionParams* params,
+                                            cudaStream_t stream) {
+  try {
+    eet::clear_last_error();
+    if (params == nullptr) return eet::invalid("params is NULL");
+    const EetPrepadAttentionParams p = *params;
+    bool nothing_to_do = false;
+    cudaError_t err = eet::validate(p, &nothing_to_do);
+    if (err != cudaSuccess || nothing_to_do) return err;
+    err = cudaErrorInvalidValue;  // unreachable: validate() checked the pair against the same table
+    eet::PrepadTable::dispatch(p.dtype, p.head_dim, [&](auto instance) {
+      using Instance = decltype(instance);
+      err = eet::launch_prepad<typename Instance::Element, Instance::kHeadDim>(p, stream);
+    });
+    return err;
+  } catch (...) {  // std::string allocation failed: no exception may cross the C ABI
+    return eet::out_of_host_memory();
+  }
+}
+
+extern "C" int eet_prepad_attention_supported(int32_t dtype, int32_t head_dim) {
+  return eet::PrepadTable::dispatch(dtype, head_dim, [](auto) {}) ? 1 : 0;
+}
