@@ -14,6 +14,10 @@ from eet.plugins.spec import HEAD_DIMS, PREPAD_ATTENTION, VARLEN_ATTENTION, Plug
 
 _DTYPES = {"float32": "FLOAT", "float16": "HALF", "int32": "INT32"}
 _REGISTERED: dict[tuple[int, str], object] = {}  # (id of the TensorRT module, plugin) -> its creator, kept alive
+_LIVE: list = []
+"""Every plugin object handed to TensorRT (create_plugin, clone, attach_to_context). TensorRT holds them by
+raw pointer; without a Python reference the garbage collector may free one TensorRT still calls (seen as heap
+corruption after a GPT-2 greedy loop on an H100). A handful per engine and context."""
 CREATE_ERRORS: list[str] = []
 """Why create_plugin() failed, newest last: TensorRT's parser only reports "Could not create the plugin"."""
 
@@ -62,7 +66,9 @@ def make_classes(trt):
             return self
 
         def clone(self):
-            return type(self)(self.attrs)
+            twin = type(self)(self.attrs)
+            _LIVE.append(twin)
+            return twin
 
         def get_fields_to_serialize(self):
             # PluginField does not keep its array alive: hold the arrays on self
@@ -195,7 +201,9 @@ def make_classes(trt):
             def create_plugin(self, name, fc, phase):
                 try:
                     fields = {f.name: np.asarray(f.data) for f in fc}
-                    return plugin_cls(spec.decode_fields(fields))
+                    plugin = plugin_cls(spec.decode_fields(fields))
+                    _LIVE.append(plugin)
+                    return plugin
                 except Exception as exc:
                     CREATE_ERRORS.append(f"node {name!r}: {exc}")
                     raise

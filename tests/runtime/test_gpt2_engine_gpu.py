@@ -71,6 +71,8 @@ class EngineStep:
         for name, tensor in outputs.items():
             context.set_tensor_address(name, tensor.data_ptr())
         torch.cuda.synchronize()
+        if os.environ.get("EET_TRACE"):
+            print(f"step {step}: ids {tuple(ids.shape)} on profile {0 if step == 0 else 1}", flush=True)
         assert context.execute_async_v3(self.stream.cuda_stream)
         self.stream.synchronize()
         return outputs["next_token"].cpu().numpy(), outputs["logits"].float().cpu().numpy()
