@@ -517,6 +517,63 @@ def last_position_head(graph):
     graph.outputs = [next_token, logits]
 
 
+SAMPLING_INPUTS = ("temperature", "top_k", "top_p", "uniform")
+
+
+def sampling_head(graph, candidates: int):
+    """Sampling in the engine (after :func:`last_position_head`): ``next_token`` becomes a token drawn among the
+    ``candidates`` most likely ones, per row, from inputs ``temperature`` float32 [B] (<= 0: greedy), ``top_k``
+    int32 [B] (0: all candidates), ``top_p`` float32 [B] in (0, 1] (1: off) and ``uniform`` float32 [B] (one
+    draw in [0, 1) per row and step, from the caller's seeded generator). Math in float32.
+
+    Token j of the candidates (sorted by logit) is chosen when cdf[j-1] <= uniform < cdf[j], cdf being the
+    cumulative softmax(logit / temperature) over the candidates kept by top-k, then top-p (the smallest prefix
+    whose mass reaches top_p), renormalized."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    by_name = {t.name: t for t in graph.outputs}
+    greedy_token, logits = by_name[NEXT_TOKEN_OUTPUT], by_name[LOGITS_OUTPUT]
+    greedy_token.name = "greedy_token"
+    inputs = [gs.Variable("temperature", np.float32, ["batch"]), gs.Variable("top_k", np.int32, ["batch"]),
+              gs.Variable("top_p", np.float32, ["batch"]), gs.Variable("uniform", np.float32, ["batch"])]
+    temperature, top_k, top_p, uniform = inputs
+    graph.inputs.extend(inputs)
+    nodes = []
+
+    def op(kind, *args, n_out=1, **attrs):
+        outs = [gs.Variable(f"sample_{kind.lower()}_{len(nodes)}_{i}") for i in range(n_out)]
+        nodes.append(gs.Node(kind, name=f"sample_{kind.lower()}_{len(nodes)}", inputs=list(args), outputs=outs,
+                             attrs=attrs))
+        return outs if n_out > 1 else outs[0]
+
+    def const(name, value, dtype):
+        return gs.Constant(f"sample_{name}", np.array(value, dtype=dtype))
+
+    column = const("column_axis", [1], np.int64)
+    vals, idx = op("TopK", op("Cast", logits, to=onnx.TensorProto.FLOAT), const("k", [candidates], np.int64),
+                   n_out=2, axis=-1, largest=1, sorted=1)
+    scaled = op("Div", vals, op("Unsqueeze", op("Max", temperature, const("min_t", 1e-6, np.float32)), column))
+    k_eff = op("Where", op("Greater", top_k, const("zero_k", 0, np.int32)),
+               op("Min", top_k, const("cap_k", candidates, np.int32)), const("all_k", candidates, np.int32))
+    keep_k = op("Less", const("ranks", np.arange(candidates)[None, :], np.int32), op("Unsqueeze", k_eff, column))
+    probs = op("Softmax", op("Where", keep_k, scaled, const("minus_inf", -np.inf, np.float32)), axis=-1)
+    cum = op("CumSum", probs, const("cumsum_axis", 1, np.int64))
+    keep_p = op("Less", op("Sub", cum, probs), op("Unsqueeze", top_p, column))
+    kept = op("Where", keep_p, probs, const("zero_p", 0.0, np.float32))
+    cdf = op("Div", op("CumSum", kept, const("cumsum_axis_2", 1, np.int64)),
+             op("ReduceSum", kept, column, keepdims=1))
+    below = op("Cast", op("Less", cdf, op("Unsqueeze", uniform, column)), to=onnx.TensorProto.INT64)
+    choice = op("Min", op("ReduceSum", below, column, keepdims=1), const("last", candidates - 1, np.int64))
+    sampled = op("Cast", op("Squeeze", op("GatherElements", idx, choice, axis=1), column),
+                 to=onnx.TensorProto.INT32)
+    next_token = gs.Variable(NEXT_TOKEN_OUTPUT, dtype=np.int32, shape=["batch"])
+    nodes.append(gs.Node("Where", name="sample_or_greedy", outputs=[next_token], inputs=[
+        op("Greater", temperature, const("zero_t", 0.0, np.float32)), sampled, greedy_token]))
+    graph.nodes.extend(nodes)
+    graph.outputs = [next_token, logits]
+
+
 # ----------------------------------------------------------------------------------------------- the whole rewrite
 def _import_layers(model, num_layers: int, head_dim: int, dtype: str):
     """The graph of ``model`` and the attention of each of its ``num_layers`` layers (or an EetError)."""
@@ -532,8 +589,9 @@ def _import_layers(model, num_layers: int, head_dim: int, dtype: str):
     return graph, matches
 
 
-def _finish(graph, model, dtype: str, spec, mask_hint: str):
-    """Drop the dead attention, prove none is left and the mask is unused, convert to ``dtype``, export."""
+def _finish(graph, model, dtype: str, spec, mask_hint: str, after_dtype=None):
+    """Drop the dead attention, prove none is left and the mask is unused, convert to ``dtype``, run
+    ``after_dtype(graph)`` (passes that stay float32), export."""
     import onnx
     import onnx_graphsurgeon as gs
 
@@ -546,6 +604,8 @@ def _finish(graph, model, dtype: str, spec, mask_hint: str):
         raise EetError(f"the attention mask is still used after the rewrite (by {mask_users}): {mask_hint}")
     if dtype == "fp16":
         to_fp16(graph)
+    if after_dtype is not None:
+        after_dtype(graph)
     forget_intermediate_shapes(graph)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     out = gs.export_onnx(graph)
@@ -582,7 +642,8 @@ def rewrite_bert(model, *, num_layers: int, num_heads: int, head_dim: int, dtype
                    "padding-free graph cannot express")
 
 
-def rewrite_gpt2(model, *, num_layers: int, num_heads: int, head_dim: int, dtype: str = "fp32"):
+def rewrite_gpt2(model, *, num_layers: int, num_heads: int, head_dim: int, dtype: str = "fp32",
+                 sampling_candidates: int = 0):
     """The pre-padding generation graph of an exported GPT-2 (no KV cache in the export).
 
     Returns:
@@ -590,7 +651,8 @@ def rewrite_gpt2(model, *, num_layers: int, num_heads: int, head_dim: int, dtype
         ``step`` int32 [1] (cache position of the first of the S tokens), ``past_key.<l>`` / ``past_value.<l>``
         [B, heads, L, head_dim] per layer (updated in place by the layer's ``EetPrePadAttention``, whose
         outputs ``present_key.<l>`` / ``present_value.<l>`` alias them); outputs ``next_token`` int32 [B]
-        (greedy) and ``logits`` [B, V] of each row's last position.
+        (greedy) and ``logits`` [B, V] of each row's last position. With ``sampling_candidates`` > 0, also the
+        inputs of :func:`sampling_head`, and ``next_token`` is sampled where ``temperature`` > 0.
 
     Raises:
         EetError: as :func:`rewrite_bert`.
@@ -605,7 +667,10 @@ def rewrite_gpt2(model, *, num_layers: int, num_heads: int, head_dim: int, dtype
         replace_prepad_attention(graph, match, index, pads, step, num_heads, head_dim)
     prepad_token_inputs(graph, pads, step)
     last_position_head(graph)
-    return _finish(graph, model, dtype, PREPAD_ATTENTION, "the model uses it for more than attention")
+    if sampling_candidates < 0:
+        raise EetError(f"sampling candidates must be >= 0, got {sampling_candidates}")
+    tail = (lambda g: sampling_head(g, sampling_candidates)) if sampling_candidates else None
+    return _finish(graph, model, dtype, PREPAD_ATTENTION, "the model uses it for more than attention", tail)
 
 
 def count_plugin_nodes(model, name: str = VARLEN_ATTENTION.name) -> int:

@@ -1,8 +1,10 @@
 """Pre-padding generation, independent of what executes a step (the TensorRT engine on a GPU, or the rewritten
 ONNX with plugin references on a CPU).
 
-A step function takes ``(input_ids [B, S] int32, pad_lengths [B] int32, step int)`` and returns
-``(next_token [B] int32, logits [B, V])``; it owns the KV cache. The context phase is one step with the whole
+A step function takes ``(input_ids [B, S] int32, pad_lengths [B] int32, step int, extra)`` and returns
+``(next_token [B] int32, logits [B, V])``; it owns the KV cache. ``extra`` holds the sampling inputs
+(``temperature``, ``top_k``, ``top_p``, ``uniform``, each [B]) for engines built with sampling; a step function
+passes on those its graph has. The context phase is one step with the whole
 left-padded prompt batch at step 0; each decode step feeds the previous tokens (S = 1) at step = tokens so far.
 """
 from __future__ import annotations
@@ -14,7 +16,36 @@ import numpy as np
 
 from eet.errors import EetError
 
-StepFn = Callable[[np.ndarray, np.ndarray, int], "tuple[np.ndarray, np.ndarray]"]
+StepFn = Callable[[np.ndarray, np.ndarray, int, dict], "tuple[np.ndarray, np.ndarray]"]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings, the same for every row: ``temperature`` > 0 (0 means greedy), ``top_k`` >= 0 (0: off),
+    ``top_p`` in (0, 1] (1: off), and the ``seed`` of the generator that draws one uniform number per row and
+    step (the draw on the host; the choice on the GPU, inside the engine)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise EetError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise EetError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise EetError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def feeds(self, rng: np.random.Generator, batch: int) -> dict[str, np.ndarray]:
+        """This step's sampling inputs."""
+        return {"temperature": np.full(batch, self.temperature, np.float32),
+                "top_k": np.full(batch, self.top_k, np.int32), "top_p": np.full(batch, self.top_p, np.float32),
+                "uniform": rng.random(batch, dtype=np.float32)}
+
+
+GREEDY = Sampling(temperature=0.0)
 
 
 @dataclass(frozen=True)
@@ -64,7 +95,14 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndar
 
 def greedy(step_fn: StepFn, prompts: Sequence[Sequence[int]], max_new_tokens: int, limits: Limits | None = None,
            eos_token_id: int | None = None) -> tuple[list[list[int]], list[np.ndarray]]:
-    """Greedy generation of ``max_new_tokens`` for every prompt in one left-padded batch.
+    """Greedy generation: :func:`generate` with temperature 0."""
+    return generate(step_fn, prompts, max_new_tokens, limits, eos_token_id, GREEDY)
+
+
+def generate(step_fn: StepFn, prompts: Sequence[Sequence[int]], max_new_tokens: int, limits: Limits | None = None,
+             eos_token_id: int | None = None, sampling: Sampling = GREEDY,
+             ) -> tuple[list[list[int]], list[np.ndarray]]:
+    """Generate ``max_new_tokens`` for every prompt in one left-padded batch.
 
     Returns:
         (the new tokens of each prompt, cut after its first ``eos_token_id``; the logits [B, V] of every step).
@@ -72,15 +110,17 @@ def greedy(step_fn: StepFn, prompts: Sequence[Sequence[int]], max_new_tokens: in
     if limits is not None:
         limits.check(prompts, max_new_tokens)
     ids, pads = left_pad(prompts)
+    rng = np.random.default_rng(sampling.seed)
     tokens, all_logits = [], []
-    token, logits = step_fn(ids, pads, 0)
+    token, logits = step_fn(ids, pads, 0, sampling.feeds(rng, len(prompts)))
     position = ids.shape[1]
     for _ in range(max_new_tokens):
         tokens.append(np.asarray(token).reshape(-1).copy())
         all_logits.append(np.asarray(logits))
         if len(tokens) == max_new_tokens:
             break
-        token, logits = step_fn(tokens[-1].reshape(-1, 1).astype(np.int32), pads, position)
+        token, logits = step_fn(tokens[-1].reshape(-1, 1).astype(np.int32), pads, position,
+                                sampling.feeds(rng, len(prompts)))
         position += 1
     new = np.stack(tokens, axis=1)
     out = []
@@ -111,13 +151,15 @@ class ReferenceStep:
         self.caches: dict[str, np.ndarray] = {}
         self.outputs = ["next_token", "logits"] + [f"present_{k}.{i}" for i in range(num_layers)
                                                      for k in ("key", "value")]
+        self.input_names = set(inputs)
 
-    def __call__(self, ids: np.ndarray, pads: np.ndarray, step: int):
+    def __call__(self, ids: np.ndarray, pads: np.ndarray, step: int, extra: dict | None = None):
         if step == 0:  # a new batch: fresh caches
             shape = (ids.shape[0], *self.geometry)
             self.caches = {f"past_{k}.{i}": np.zeros(shape, self.dtype) for i in range(self.layers)
                            for k in ("key", "value")}
-        feeds = {"input_ids": ids, "pad_lengths": pads, "step": np.array([step], np.int32), **self.caches}
+        feeds = {"input_ids": ids, "pad_lengths": pads, "step": np.array([step], np.int32), **self.caches,
+                 **{k: v for k, v in (extra or {}).items() if k in self.input_names}}
         results = dict(zip(self.outputs, self.evaluator.run(self.outputs, feeds)))
         self.caches = {name.replace("present_", "past_"): value for name, value in results.items()
                        if name.startswith("present_")}

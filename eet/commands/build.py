@@ -8,6 +8,7 @@ has one.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import shutil
 import time
@@ -237,11 +238,17 @@ class Gpt2BuildOptions:
     max_len: int = 1024
     export_form: str = "sdpa"
     seed: int = 0
+    sample_candidates: int = 0
     tf32: bool = False
     verbose: bool = False
 
-    def validate(self, max_positions: int | None = None) -> None:
+    def validate(self, max_positions: int | None = None, vocab_size: int | None = None) -> None:
         """Raise :class:`EetError` for non-positive or inconsistent sizes."""
+        if not 0 <= self.sample_candidates <= 3840:
+            raise EetError(f"--sample-candidates must be between 0 (greedy only) and 3840 (TensorRT's TopK limit), "
+                           f"got {self.sample_candidates}")
+        if vocab_size is not None and self.sample_candidates > vocab_size:
+            raise EetError(f"--sample-candidates {self.sample_candidates} exceeds the vocabulary ({vocab_size})")
         for name in ("max_batch", "max_prompt", "max_len"):
             if getattr(self, name) <= 0:
                 raise EetError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -267,6 +274,8 @@ def gpt2_profiles(o: Gpt2BuildOptions, num_layers: int, num_heads: int, head_dim
     rows = ((1,), (opt_b,), (o.max_batch,))
     cache = tuple((b[0], num_heads, o.max_len, head_dim) for b in rows)
     common = {"pad_lengths": rows}
+    if o.sample_candidates:
+        common.update({name: rows for name in ("temperature", "top_k", "top_p", "uniform")})
     for layer in range(num_layers):
         common[f"past_key.{layer}"] = common[f"past_value.{layer}"] = cache
     context = {"input_ids": ((1, 1), (opt_b, min(o.max_prompt, 128)), (o.max_batch, o.max_prompt)), **common}
@@ -292,9 +301,10 @@ def build_gpt2(o: Gpt2BuildOptions, progress: Callable[[str], None] = print) -> 
     loaded = gpt2.load_gpt2(o.model, o.config, attn_implementation=gpt2.EXPORT_FORMS[o.export_form][0],
                             seed=o.seed)
     cfg = loaded.config
-    o.validate(max_positions=cfg.n_positions)
-    rewritten, opset = _export_and_rewrite(stage, loaded, out, gpt2, rewrite.rewrite_gpt2, o.export_form,
-                                           o.dtype, PREPAD_ATTENTION)
+    o.validate(max_positions=cfg.n_positions, vocab_size=cfg.vocab_size)
+    rewrite_fn = functools.partial(rewrite.rewrite_gpt2, sampling_candidates=o.sample_candidates)
+    rewritten, opset = _export_and_rewrite(stage, loaded, out, gpt2, rewrite_fn, o.export_form, o.dtype,
+                                           PREPAD_ATTENTION)
     profiles = gpt2_profiles(o, cfg.n_layer, cfg.n_head, loaded.head_dim)
     built = _write_engine(stage, out, rewritten, profiles, PREPAD_ATTENTION, cfg.n_layer, tf32=o.tf32,
                           aliased_io=True, verbose=o.verbose)
@@ -308,8 +318,11 @@ def build_gpt2(o: Gpt2BuildOptions, progress: Callable[[str], None] = print) -> 
                  "step": "int32 [1] cache position of the first of the S tokens (0 for the context phase)",
                  "past_key.<l>/past_value.<l>": "[B, heads, max_len, head_dim] KV cache of layer l, owned by the "
                                                 "caller, updated in place",
-                 "next_token": "int32 [B] greedy next token", "logits": "[B, V] logits of the last position"},
+                 "next_token": "int32 [B] next token (greedy, or sampled where temperature > 0)",
+                 "logits": "[B, V] logits of the last position",
+                 "temperature/top_k/top_p/uniform": "[B] sampling inputs, only with --sample-candidates"},
                  "generation": {"max_batch": o.max_batch, "max_prompt": o.max_prompt, "max_len": o.max_len,
+                                "sample_candidates": o.sample_candidates,
                                 "vocab_size": cfg.vocab_size, "eos_token_id": cfg.eos_token_id,
                                 "profiles": list(GPT2_PROFILES),
                                 "cache": {"layers": cfg.n_layer, "heads": cfg.n_head, "head_dim": loaded.head_dim,
@@ -336,6 +349,9 @@ def gpt2_parser() -> argparse.ArgumentParser:
                    help="KV cache length: prompt + generated tokens")
     p.add_argument("--export-form", default=d.export_form, choices=("sdpa", "eager", "onnx-attention"))
     p.add_argument("--seed", type=int, default=d.seed, help="seed of random weights")
+    p.add_argument("--sample-candidates", type=int, default=d.sample_candidates, metavar="K",
+                   help="also sample in the engine (temperature / top-k / top-p) among the K most likely tokens; "
+                   "0 (default): greedy only")
     p.add_argument("--tf32", action="store_true", help="let fp32 GEMMs use TF32")
     p.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
     return p

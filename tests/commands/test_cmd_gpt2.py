@@ -99,3 +99,24 @@ def test_bert_directory_given_to_build_gpt2(tmp_path, capsys):
     (tmp_path / "bert" / "model.safetensors").write_bytes(b"")
     assert main(["build", "gpt2", "--model", str(tmp_path / "bert"), "--out", str(tmp_path / "o")]) == 2
     assert "not GPT-2; use `eet build bert`" in capsys.readouterr().err
+
+
+def test_build_with_sampling(tmp_path):
+    """The sampling head (TopK, CumSum, GatherElements) parses and builds; its inputs get profile shapes."""
+    (tmp_path / "config.json").write_text(json.dumps(dict(model_type="gpt2", vocab_size=500, n_embd=128, n_layer=2,
+                                                          n_head=2, n_positions=128)))
+    out = tmp_path / "engine"
+    assert main(["build", "gpt2", "--config", str(tmp_path / "config.json"), "--out", str(out),
+                 "--sample-candidates", "64", *SIZES]) == 0
+    info = json.loads((out / "engine.json").read_text())
+    assert info["generation"]["sample_candidates"] == 64
+    assert [i["name"] for i in info["io"]["inputs"]][-4:] == ["temperature", "top_k", "top_p", "uniform"]
+    assert info["profiles"][1]["shapes"]["uniform"]["max"] == [4]
+
+
+@pytest.mark.parametrize("candidates,message", [(-1, "between 0"), (5000, "between 0")])
+def test_bad_sample_candidates(candidates, message):
+    with pytest.raises(EetError, match=message):
+        Gpt2BuildOptions(sample_candidates=candidates).validate()
+    with pytest.raises(EetError, match="exceeds the vocabulary"):
+        Gpt2BuildOptions(sample_candidates=600).validate(vocab_size=500)

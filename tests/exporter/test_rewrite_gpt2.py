@@ -106,3 +106,42 @@ def test_bert_directory_is_refused(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(EetError, match=r"'bert' model, not GPT-2; use `eet build bert`"):
         gpt2.load_gpt2(tmp_path)
+
+
+def expected_sample(logits, temperature, top_k, top_p, u, candidates):
+    """NumPy statement of the engine's sampling rule (see rewrite.sampling_head), in float64."""
+    order = np.argsort(-logits.astype(np.float64), kind="stable")[:candidates]
+    scaled = logits[order].astype(np.float64) / max(temperature, 1e-6)
+    keep = np.arange(candidates) < (min(top_k, candidates) if top_k > 0 else candidates)
+    scaled[~keep] = -np.inf
+    p = np.exp(scaled - scaled.max())
+    p /= p.sum()
+    p[(np.cumsum(p) - p) >= top_p] = 0
+    cdf = np.cumsum(p) / p.sum()
+    return int(order[min(int((cdf < u).sum()), candidates - 1)])
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.3, 8, 1.0), (1.0, 0, 0.6), (0.9, 20, 0.8)])
+def test_sampling_in_the_graph(exported_gpt2, rng, temperature, top_k, top_p):
+    from eet.runtime.generation import Sampling, generate
+
+    _, path = exported_gpt2("sdpa")
+    candidates = 32
+    model = rewrite.rewrite_gpt2(onnx.load(str(path)), num_layers=LAYERS, num_heads=HEADS, head_dim=HEAD_DIM,
+                                 sampling_candidates=candidates)
+    assert [i.name for i in model.graph.input][-4:] == ["temperature", "top_k", "top_p", "uniform"]
+    prompts = [rng.integers(0, 500, int(n)).tolist() for n in (6, 1, 11)]
+    seed = int(rng.integers(2**31))
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    step = ReferenceStep(model, num_layers=LAYERS, num_heads=HEADS, head_dim=HEAD_DIM, max_len=MAX_LEN)
+    tokens, logits = generate(step, prompts, 8, sampling=sampling)
+    draws = np.random.default_rng(seed)
+    for i, step_logits in enumerate(logits):
+        u = sampling.feeds(draws, len(prompts))["uniform"]
+        for row in range(len(prompts)):
+            want = expected_sample(step_logits[row], temperature, top_k, top_p, float(u[row]), candidates)
+            assert tokens[row][i] == want, (row, i)
+    again, _ = generate(step, prompts, 8, sampling=sampling)
+    assert again == tokens  # the seed fixes the draws
+    greedy_tokens, _ = greedy(step, prompts, 8)  # temperature 0: the greedy token
+    assert greedy_tokens == hf_alone(exported_gpt2("sdpa")[0].model, prompts, 8)

@@ -33,7 +33,7 @@ def test_greedy_drives_context_then_decode():
     """A fake step function records what the loop feeds it: one context step, then S = 1 steps."""
     calls = []
 
-    def step(ids, pads, position):
+    def step(ids, pads, position, extra):
         calls.append((ids.copy(), pads.copy(), position))
         token = (ids[:, -1] + 1).astype(np.int32)
         return token, np.zeros((ids.shape[0], 100), np.float32)
@@ -42,3 +42,16 @@ def test_greedy_drives_context_then_decode():
     assert [c[2] for c in calls] == [0, 2, 3]
     assert calls[0][0].tolist() == [[5, 6], [0, 9]] and calls[1][0].shape == (2, 1)
     assert tokens == [[7, 8, 9], [10, 11]] and len(logits) == 3
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(top_k=-2), "top_k must be >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+])
+def test_bad_sampling(kwargs, message):
+    from eet.runtime.generation import Sampling
+
+    with pytest.raises(EetError, match=message):
+        Sampling(**kwargs)

@@ -53,7 +53,7 @@ class EngineStep:
         self.dtype = torch.float16 if dtype == "fp16" else torch.float32
         self.vocab = info["generation"]["vocab_size"]
 
-    def __call__(self, ids, pads, step):
+    def __call__(self, ids, pads, step, extra=None):
         torch = self.torch
         batch = ids.shape[0]
         if step == 0:
