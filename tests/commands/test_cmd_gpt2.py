@@ -60,13 +60,15 @@ def test_check_catches_broken_pad_handling(two_layer, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_default_small_builds(tmp_path):
+def test_default_small_build_and_check(tmp_path, capsys):
     out = tmp_path / "small"
     assert main(["build", "gpt2", "--out", str(out), "--max-batch", "4", "--max-prompt", "32", "--max-len",
                  "64"]) == 0
     info = json.loads((out / "engine.json").read_text())
     assert info["model"]["source"] == {"kind": "preset", "name": "small", "seed": 0}
     assert info["model"]["num_layers"] == 12 and info["plugins"][0]["layers"] == 12
+    assert main(["check", str(out), "--batch", "3", "--max-len", "16", "--new-tokens", "4"]) == 0
+    assert "FAIL" not in capsys.readouterr().out
 
 
 @pytest.mark.slow
