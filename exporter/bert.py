@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from eet.errors import EetError
-from eet.exporter.common import (EXPORT_FORMS, check_model_directory, export, quiet_transformers,  # noqa: F401
+from eet.exporter.common import (EXPORT_FORMS, check_model_directory, export, quiet_transformers,
                                  random_config, set_attention)
 from eet.plugins.spec import HEAD_DIMS
 

@@ -81,23 +81,23 @@ def _scalar(tensor) -> float | None:
     return float(np.asarray(values).reshape(-1)[0])
 
 
-def _scale_factor(node, data) -> float | None:
-    """For ``Mul``/``Div`` of ``data`` by a scalar constant, the factor it applies; else None."""
-    if node.op not in ("Mul", "Div") or len(node.inputs) != 2:
+def _scaling(node):
+    """``(data, factor)`` when ``node`` multiplies or divides ``data`` by a scalar constant (a Mul's constant may
+    stand on either side, a Div's only on the right); else None."""
+    if node is None or node.op not in ("Mul", "Div") or len(node.inputs) != 2:
         return None
-    other = node.inputs[1] if node.inputs[0] is data else node.inputs[0]
-    if node.op == "Div" and node.inputs[0] is not data:
-        return None
-    value = _scalar(other)
-    if value is None or value == 0.0:
-        return None
-    return value if node.op == "Mul" else 1.0 / value
+    a, b = node.inputs
+    for data, other in [(a, b), (b, a)] if node.op == "Mul" else [(a, b)]:
+        value = _scalar(other)
+        if value is not None and value != 0.0:
+            return data, (value if node.op == "Mul" else 1.0 / value)
+    return None
 
 
 def _trace_back(tensor, what: str):
     """Walk from an attention operand back through layout ops and scalar scales to the projection.
 
-    Returns (projection tensor, accumulated scale, number of Reshapes on the way)."""
+    Returns (projection tensor, accumulated scale); raises NoMatch when no Reshape split the heads."""
     scale, reshapes = 1.0, 0
     while True:
         node = _producer(tensor)
@@ -107,18 +107,11 @@ def _trace_back(tensor, what: str):
             reshapes += node.op in ("Reshape", "Squeeze", "Unsqueeze")
             tensor = node.inputs[0]
             continue
-        factor = _scale_factor(node, node.inputs[0]) if node.op in ("Mul", "Div") else None
-        if factor is None and node.op == "Mul":
-            factor = _scale_factor(node, node.inputs[1])
-            if factor is not None:
-                tensor = node.inputs[1]
-                scale *= factor
-                continue
-        if factor is not None:
-            scale *= factor
-            tensor = node.inputs[0]
-            continue
-        break
+        scaled = _scaling(node)
+        if scaled is None:
+            break
+        tensor, factor = scaled
+        scale *= factor
     if reshapes == 0:
         raise NoMatch(f"the {what} operand is not split into heads by a Reshape (reached "
                       f"{_describe(_producer(tensor))})")
@@ -163,26 +156,20 @@ def layer_label(node, index: int, scopes: dict[str, str] | None = None) -> str:
 
 # ----------------------------------------------------------------------------------------------- matching
 def _scores_matmul(tensor):
-    """From the Softmax input back to MatMul(Q, K^T): skip scalar scales and one additive mask."""
-    scale, masked = 1.0, False
+    """From the Softmax input back to MatMul(Q, K^T): skip scalar scales and additive masks."""
+    scale = 1.0
     while True:
         node = _producer(tensor)
         if node is None:
             raise NoMatch("the Softmax input does not come from a MatMul")
         if node.op == "MatMul":
             return node, scale
-        factor = _scale_factor(node, node.inputs[0]) if node.op in ("Mul", "Div") else None
-        if factor is not None:
+        scaled = _scaling(node)
+        if scaled is not None:
+            tensor, factor = scaled
             scale *= factor
-            tensor = node.inputs[0]
             continue
-        if node.op == "Mul":
-            factor = _scale_factor(node, node.inputs[1])
-            if factor is not None:
-                scale *= factor
-                tensor = node.inputs[1]
-                continue
-        if node.op == "Add" and not masked:
+        if node.op == "Add":
             # the additive mask: keep walking along the operand that leads to the scores MatMul
             for operand in node.inputs:
                 try:

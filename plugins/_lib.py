@@ -299,21 +299,30 @@ def make_varlen_params(
 ) -> VarlenAttentionParams:
     """A filled :class:`VarlenAttentionParams`; row strides default to ``num_heads * head_dim``
     (contiguous [tokens, heads, head_dim]) and ``scale`` to ``1 / sqrt(head_dim)``."""
+    return _filled(VarlenAttentionParams, num_heads, head_dim, scale,
+                   (q_row_stride, k_row_stride, v_row_stride, out_row_stride),
+                   q=q, k=k, v=v, out=out, cu_seqlens=cu_seqlens, batch=batch, max_seqlen=max_seqlen,
+                   total_tokens=total_tokens, dtype=dtype)
+
+
+def _filled(cls, num_heads: int, head_dim: int, scale: float | None, row_strides: tuple, **fields):
+    """A ``cls`` params struct: row strides default to ``num_heads * head_dim`` (contiguous heads), ``scale``
+    to ``1 / sqrt(head_dim)``, every other field from ``fields``."""
     row = num_heads * head_dim
-    p = VarlenAttentionParams()
-    p.q, p.k, p.v, p.out, p.cu_seqlens = q, k, v, out, cu_seqlens
-    p.q_row_stride = row if q_row_stride is None else q_row_stride
-    p.k_row_stride = row if k_row_stride is None else k_row_stride
-    p.v_row_stride = row if v_row_stride is None else v_row_stride
-    p.out_row_stride = row if out_row_stride is None else out_row_stride
-    p.batch = batch
-    p.num_heads = num_heads
-    p.head_dim = head_dim
-    p.max_seqlen = max_seqlen
-    p.total_tokens = total_tokens
+    p = cls()
+    for name, stride in zip(("q_row_stride", "k_row_stride", "v_row_stride", "out_row_stride"), row_strides):
+        setattr(p, name, row if stride is None else stride)
+    p.num_heads, p.head_dim = num_heads, head_dim
     p.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    p.dtype = dtype
+    for name, value in fields.items():
+        setattr(p, name, value)
     return p
+
+
+def _launch(name: str, fn, params, stream: int) -> None:
+    rc = fn(ctypes.byref(params), stream)
+    if rc:
+        raise RuntimeError(f"{name}: {cuda_error_name(rc)}: {last_error_message()}")
 
 
 def varlen_attention(params: VarlenAttentionParams, stream: int) -> None:
@@ -325,11 +334,7 @@ def varlen_attention(params: VarlenAttentionParams, stream: int) -> None:
     if fn is None:
         load_library()
         fn = _varlen_fn
-    rc = fn(ctypes.byref(params), stream)
-    if rc:
-        raise RuntimeError(
-            f"eet_varlen_attention: {cuda_error_name(rc)}: {last_error_message()}"
-        )
+    _launch("eet_varlen_attention", fn, params, stream)
 
 
 def make_prepad_params(
@@ -356,22 +361,10 @@ def make_prepad_params(
 ) -> PrepadAttentionParams:
     """A filled :class:`PrepadAttentionParams`; row strides default to ``num_heads * head_dim``
     (contiguous [batch, seq, heads, head_dim]) and ``scale`` to ``1 / sqrt(head_dim)``."""
-    row = num_heads * head_dim
-    p = PrepadAttentionParams()
-    p.q, p.k, p.v, p.out = q, k, v, out
-    p.k_cache, p.v_cache, p.pad_lengths, p.step = k_cache, v_cache, pad_lengths, step
-    p.q_row_stride = row if q_row_stride is None else q_row_stride
-    p.k_row_stride = row if k_row_stride is None else k_row_stride
-    p.v_row_stride = row if v_row_stride is None else v_row_stride
-    p.out_row_stride = row if out_row_stride is None else out_row_stride
-    p.batch = batch
-    p.seq = seq
-    p.num_heads = num_heads
-    p.head_dim = head_dim
-    p.max_len = max_len
-    p.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    p.dtype = dtype
-    return p
+    return _filled(PrepadAttentionParams, num_heads, head_dim, scale,
+                   (q_row_stride, k_row_stride, v_row_stride, out_row_stride),
+                   q=q, k=k, v=v, out=out, k_cache=k_cache, v_cache=v_cache, pad_lengths=pad_lengths, step=step,
+                   batch=batch, seq=seq, max_len=max_len, dtype=dtype)
 
 
 def prepad_attention(params: PrepadAttentionParams, stream: int) -> None:
@@ -383,8 +376,4 @@ def prepad_attention(params: PrepadAttentionParams, stream: int) -> None:
     if fn is None:
         load_library()
         fn = _prepad_fn
-    rc = fn(ctypes.byref(params), stream)
-    if rc:
-        raise RuntimeError(
-            f"eet_prepad_attention: {cuda_error_name(rc)}: {last_error_message()}"
-        )
+    _launch("eet_prepad_attention", fn, params, stream)

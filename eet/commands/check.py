@@ -84,6 +84,7 @@ def load_reference_model(info: dict):
     checked against the recorded fingerprint)."""
     from eet.commands.build import weights_fingerprint
     from eet.exporter import bert, gpt2
+    from eet.exporter.common import set_attention
 
     load = {"bert": bert.load_bert, "gpt2": gpt2.load_gpt2}[info["family"]]
     source = info["model"]["source"]
@@ -99,7 +100,7 @@ def load_reference_model(info: dict):
     if weights_fingerprint(loaded.model) != info["model"]["weights_sha256"]:
         raise EetError("the Hugging Face weights differ from the ones the engine was built from (another "
                        "torch version draws other random weights, or the model directory changed); rebuild")
-    bert.set_attention(loaded.model, "eager")
+    set_attention(loaded.model, "eager")
     return loaded
 
 

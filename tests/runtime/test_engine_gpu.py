@@ -38,7 +38,8 @@ def torch_error(config_path, rb, dtype, want):
     """Max abs error of Hugging Face PyTorch on this GPU in ``dtype`` against ONNX Runtime's ``want``."""
     import torch
 
-    from eet.exporter.bert import load_bert, set_attention
+    from eet.exporter.bert import load_bert
+    from eet.exporter.common import set_attention
 
     model = load_bert(config=config_path, seed=0).model.cuda()  # the weights `eet build` drew
     set_attention(model, "sdpa")
