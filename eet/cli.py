@@ -2,7 +2,10 @@
 
     eet build bert [--model DIR | --config JSON|PRESET] [--out DIR] [--dtype fp16|fp32] [--max-batch N]
                    [--max-tokens T] [--max-seq S] [--opt-tokens T] [--export-form FORM]
-    eet check DIR  [--batch B] [--max-len L] [--seed N]
+    eet build gpt2 [--model DIR | --config small|medium|large|xl|JSON] [--out DIR] ...
+    eet check DIR  [--batch B] [--max-len L] [--seed N] [--engine auto|yes|no]
+    eet run DIR    (--text T ... | --ids 'ID ID' ... | --random N) [--max-new-tokens N] [sampling]
+    eet bench DIR  [--batch B] [--max-len L] [--past P] [--new-tokens N] [--iters N]
 """
 from __future__ import annotations
 
@@ -12,7 +15,11 @@ USAGE = """usage: eet <command> [options]
 
 commands:
   build bert   export a Hugging Face BERT, rewrite it padding-free, build a TensorRT plan
-  check DIR    compare Hugging Face, ONNX Runtime and the rewritten graph (plugin references) on a ragged batch
+  build gpt2   export a Hugging Face GPT-2, rewrite it for pre-padding generation, build a TensorRT plan
+  check DIR    accuracy: the engine (on a GPU it runs on) or its graph with the plugin references, against
+               ONNX Runtime and Hugging Face
+  run DIR      run the engine: encode (BERT) or generate (GPT-2) from the command line
+  bench DIR    latency and throughput of the engine against Hugging Face PyTorch and a plain TensorRT engine
 
 `eet <command> --help` for options."""
 
@@ -31,10 +38,10 @@ def main(argv: list[str] | None = None) -> int:
             from eet.commands import build
 
             return build.main(rest)
-        if command == "check":
-            from eet.commands import check
+        if command in ("check", "run", "bench"):
+            import importlib
 
-            return check.main(rest)
+            return importlib.import_module(f"eet.commands.{command}").main(rest)
         if command in ("--version", "version"):
             import eet
 

@@ -2,7 +2,7 @@
 ONNX with plugin references on a CPU).
 
 A step function takes ``(input_ids [B, S] int32, pad_lengths [B] int32, step int, extra)`` and returns
-``(next_token [B] int32, logits [B, V])``; it owns the KV cache. ``extra`` holds the sampling inputs
+``(next_token [B] int32, logits [B, V] or None)``; it owns the KV cache. ``extra`` holds the sampling inputs
 (``temperature``, ``top_k``, ``top_p``, ``uniform``, each [B]) for engines built with sampling; a step function
 passes on those its graph has. The context phase is one step with the whole
 left-padded prompt batch at step 0; each decode step feeds the previous tokens (S = 1) at step = tokens so far.
@@ -99,36 +99,70 @@ def greedy(step_fn: StepFn, prompts: Sequence[Sequence[int]], max_new_tokens: in
     return generate(step_fn, prompts, max_new_tokens, limits, eos_token_id, GREEDY)
 
 
-def generate(step_fn: StepFn, prompts: Sequence[Sequence[int]], max_new_tokens: int, limits: Limits | None = None,
-             eos_token_id: int | None = None, sampling: Sampling = GREEDY,
-             ) -> tuple[list[list[int]], list[np.ndarray]]:
-    """Generate ``max_new_tokens`` for every prompt in one left-padded batch.
+@dataclass
+class StepTokens:
+    """What one generation step produced, as :func:`iterate` yields it.
 
-    Returns:
-        (the new tokens of each prompt, cut after its first ``eos_token_id``; the logits [B, V] of every step).
+    Attributes:
+        index: 0 for the first new token (the context phase), then 1, 2, ...
+        tokens: int32 [B], the new token of each row; -1 for rows that had already finished (EOS) before.
+        finished: bool [B], rows done after this step (their EOS has been produced).
+        logits: [B, V] of this step when the step function returned them, else None.
+    """
+
+    index: int
+    tokens: np.ndarray
+    finished: np.ndarray
+    logits: np.ndarray | None = None
+
+
+def iterate(step_fn: StepFn, prompts: Sequence[Sequence[int]], max_new_tokens: int, limits: Limits | None = None,
+            eos_token_id: int | None = None, sampling: Sampling = GREEDY):
+    """Yield a :class:`StepTokens` per step, as soon as the step's tokens are known (streaming).
+
+    The batch runs left-padded at one step for all rows. A row that produces ``eos_token_id`` is finished: its
+    later tokens are reported as -1 (the engine still computes the row, since every row decodes at the same
+    step, but nobody sees it), and the loop stops once every row is finished or ``max_new_tokens`` were made.
     """
     if limits is not None:
         limits.check(prompts, max_new_tokens)
+    elif not prompts:
+        raise EetError("no prompts: give at least one")
     ids, pads = left_pad(prompts)
     rng = np.random.default_rng(sampling.seed)
-    tokens, all_logits = [], []
+    finished = np.zeros(len(prompts), dtype=bool)
     token, logits = step_fn(ids, pads, 0, sampling.feeds(rng, len(prompts)))
     position = ids.shape[1]
-    for _ in range(max_new_tokens):
-        tokens.append(np.asarray(token).reshape(-1).copy())
-        all_logits.append(np.asarray(logits))
-        if len(tokens) == max_new_tokens:
-            break
-        token, logits = step_fn(tokens[-1].reshape(-1, 1).astype(np.int32), pads, position,
-                                sampling.feeds(rng, len(prompts)))
+    for index in range(max_new_tokens):
+        token = np.asarray(token).reshape(-1).astype(np.int32)
+        shown = np.where(finished, -1, token).astype(np.int32)
+        if eos_token_id is not None:
+            finished = finished | (token == eos_token_id)
+        yield StepTokens(index, shown, finished.copy(), None if logits is None else np.asarray(logits))
+        if index + 1 == max_new_tokens or finished.all():
+            return
+        token, logits = step_fn(token.reshape(-1, 1), pads, position, sampling.feeds(rng, len(prompts)))
         position += 1
-    new = np.stack(tokens, axis=1)
-    out = []
-    for row in new.tolist():
-        if eos_token_id is not None and eos_token_id in row:
-            row = row[: row.index(eos_token_id) + 1]
-        out.append(row)
-    return out, all_logits
+
+
+def generate(step_fn: StepFn, prompts: Sequence[Sequence[int]], max_new_tokens: int, limits: Limits | None = None,
+             eos_token_id: int | None = None, sampling: Sampling = GREEDY,
+             ) -> tuple[list[list[int]], list[np.ndarray]]:
+    """Generate up to ``max_new_tokens`` for every prompt in one left-padded batch (see :func:`iterate`).
+
+    Returns:
+        (the new tokens of each prompt, ending with its first ``eos_token_id`` when it produced one; the
+        logits [B, V] of every step, where the step function returns them).
+    """
+    rows: list[list[int]] = [[] for _ in prompts]
+    all_logits = []
+    for out in iterate(step_fn, prompts, max_new_tokens, limits, eos_token_id, sampling):
+        for row, t in enumerate(out.tokens.tolist()):
+            if t >= 0:
+                rows[row].append(t)
+        if out.logits is not None:
+            all_logits.append(out.logits)
+    return rows, all_logits
 
 
 class ReferenceStep:

@@ -34,6 +34,7 @@ class BertBuildOptions:
     export_form: str = "sdpa"
     seed: int = 0
     tf32: bool = False
+    plain_baseline: bool = False
     verbose: bool = False
 
     def validate(self, max_positions: int | None = None) -> None:
@@ -208,6 +209,9 @@ def build_bert(o: BertBuildOptions, progress: Callable[[str], None] = print) -> 
     profiles = bert_profiles(o)
     built = _write_engine(stage, out, rewritten, profiles, VARLEN_ATTENTION, cfg.num_hidden_layers, tf32=o.tf32,
                           verbose=o.verbose)
+    if o.plain_baseline:
+        plain = build_plain_bert(out / "original.onnx", out, o)
+        progress(f"      plain baseline (no EET rewrite): {plain.name} ({plain.stat().st_size / 1e6:.1f} MB)")
     stage(5, "writing the sidecar")
     options = asdict(o)
     options["opt_tokens"] = o.opt
@@ -223,6 +227,41 @@ def build_bert(o: BertBuildOptions, progress: Callable[[str], None] = print) -> 
     progress(f"done in {stage.elapsed:.1f} s: {out}/engine.plan ({len(built.plan) / 1e6:.1f} MB), "
              f"{built.plugin_layers.get(VARLEN_ATTENTION.name, 0)} x {VARLEN_ATTENTION.name}")
     return out
+
+
+def build_plain_bert(original: Path, out: Path, o: BertBuildOptions) -> Path:
+    """The peer to beat: ``original.onnx`` (padded [B, S] inputs, attention mask, no EET plugin) built as a
+    TensorRT engine in the same precision (``plain.onnx``, ``plain.plan``), one profile up to
+    ``max_batch`` x ``max_seq``. fp16: the same conversion as the EET graph (LayerNorm in fp32), with float
+    constants clamped to the fp16 range first (the mask's finfo(float32).min would become -inf)."""
+    import numpy as np
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    from eet.exporter.rewrite import forget_intermediate_shapes, to_fp16
+    from eet.runtime.build import Profile, build_engine
+
+    graph = gs.import_onnx(onnx.load(str(original)))
+    if o.dtype == "fp16":
+        limit = float(np.finfo(np.float16).max)
+        for tensor in graph.tensors().values():
+            if isinstance(tensor, gs.Constant) and tensor.values.dtype == np.float32:
+                tensor.values = np.clip(tensor.values, -limit, limit)
+        for node in graph.nodes:
+            value = node.attrs.get("value") if node.op in ("Constant", "ConstantOfShape") else None
+            if isinstance(value, gs.Constant) and value.values.dtype == np.float32:
+                value.values = np.clip(value.values, -limit, limit)
+        to_fp16(graph)
+    forget_intermediate_shapes(graph)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    path = out / "plain.onnx"
+    onnx.save(gs.export_onnx(graph), str(path))
+    opt_seq = min(o.max_seq, 128)
+    rows = ((1, 1), (max(1, min(o.max_batch, o.opt // opt_seq)), opt_seq), (o.max_batch, o.max_seq))
+    built = build_engine(path, [Profile("padded", {t.name: rows for t in graph.inputs})], tf32=o.tf32)
+    plan = out / "plain.plan"
+    plan.write_bytes(built.plan)
+    return plan
 
 
 @dataclass
@@ -378,6 +417,8 @@ def parser() -> argparse.ArgumentParser:
                    help="how attention is exported (default sdpa)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of random weights (--config)")
     p.add_argument("--tf32", action="store_true", help="let fp32 GEMMs use TF32 (faster, ~1e-3 relative error)")
+    p.add_argument("--plain-baseline", action="store_true", help="also build the plain export (padded batch, "
+                   "no EET rewrite) as plain.plan, the baseline `eet bench` compares with")
     p.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
     return p
 

@@ -131,8 +131,9 @@ def hf_greedy(model, prompts, new_tokens: int):
     return out.sequences[:, ids.shape[1]:].tolist(), [x.numpy() for x in out.logits]
 
 
-def ort_greedy(path, prompts, new_tokens: int):
-    """Greedy generation with the plain export in ONNX Runtime, recomputing the whole sequence every step."""
+def ort_greedy(path, prompts, new_tokens: int, logits_out: list | None = None):
+    """Greedy generation with the plain export in ONNX Runtime, recomputing the whole sequence every step
+    (appends each step's last-position logits [B, V] to ``logits_out`` when given)."""
     import onnxruntime as ort
 
     from eet.runtime.generation import left_pad
@@ -146,6 +147,8 @@ def ort_greedy(path, prompts, new_tokens: int):
         positions = np.maximum(np.arange(ids.shape[1])[None, :] - pads[:, None], 0).astype(np.int64)
         (logits,) = session.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": positions})
         token = logits[:, -1].argmax(-1)
+        if logits_out is not None:
+            logits_out.append(logits[:, -1].astype(np.float64))
         new.append(token)
         ids = np.concatenate([ids, token[:, None]], axis=1)
     return np.stack(new, axis=1).tolist()
@@ -283,8 +286,105 @@ def run_check(directory: str | Path, batch: int = 6, max_len: int = 64, seed: in
     return ok
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``eet check DIR [--batch B] [--max-len L] [--seed N]``"""
+ENGINE_TOLERANCES = {"fp32": (2e-2, 1e-2), "fp16": (6e-2, 2e-2)}
+"""dtype -> (atol, rtol) of the executed engine against ONNX Runtime fp32, elementwise. Wider than
+:data:`TOLERANCES`: TensorRT-RTX 1.7 runs fp32 GEMMs in TF32 whatever the builder flag says, and its fp16
+GEMMs round more than PyTorch's (``scripts/trt_gemm_precision.py``); measured engine errors on an H100 are
+in README."""
+ENGINE_LOGIT_TOLERANCES = {"fp32": 5e-3, "fp16": 3e-2}
+"""dtype -> bound of max |engine logits - ONNX Runtime logits| / max |ONNX Runtime logits| per step (GPT-2),
+and the top-2 margin under which a greedy token may flip."""
+
+
+def run_check_engine(directory: str | Path, batch: int, max_len: int, seed: int | None, new_tokens: int = 12,
+                     out=print, deserialize_hook=None) -> bool:
+    """Execute the engine on the GPU (:func:`eet.runtime.load`) and compare it with ``original.onnx`` in ONNX
+    Runtime on the same inputs through Polygraphy's comparator; returns True on PASS.
+
+    BERT: a ragged batch, packed for the engine and padded for ONNX Runtime. GPT-2: greedy generation for a
+    left-padded batch; tokens must equal ONNX Runtime's except where ONNX Runtime's own top-2 margin is within
+    the dtype's logit tolerance (then the rows continue differently and are compared up to there), and each
+    step's logits must be within that tolerance."""
+    import eet.runtime
+
+    from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
+    from polygraphy.comparator.struct import IterationResult
+    from polygraphy.logger import G_LOGGER
+
+    folder = Path(directory)
+    seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else seed
+    rng = np.random.default_rng(seed)
+    with eet.runtime.load(folder, deserialize_hook=deserialize_hook) as engine:
+        out(f"executing {engine.describe()}")
+        info, dtype = engine.info, engine.info["dtype"]
+        if engine.family == "bert":
+            import onnxruntime as ort
+
+            if batch > engine.limits.max_batch or max_len > engine.limits.max_seq:
+                raise EetError(f"--batch {batch} / --max-len {max_len} exceed the engine's --max-batch "
+                               f"{engine.limits.max_batch} / --max-seq {engine.limits.max_seq}")
+            cfg = info["model"]["config"]
+            rb = ragged_batch(rng, batch, max_len, cfg["vocab_size"], cfg.get("type_vocab_size", 2))
+            out(f"ragged batch: seed {seed}, {batch} sequences, lengths {rb.lengths.tolist()}")
+            hidden, first = engine.run_packed(rb.packed_feeds())
+            session = ort.InferenceSession(str(folder / info["files"]["original_onnx"]),
+                                           providers=["CPUExecutionProvider"])
+            (ref,) = session.run(None, {"input_ids": rb.ids, "attention_mask": rb.mask,
+                                        "token_type_ids": rb.token_types, "position_ids": rb.positions})
+            runs = {"onnxruntime": {"hidden_states": rb.unpad(ref), "first_token_states": ref[:, 0].copy()},
+                    "eet-engine": {"hidden_states": hidden.astype(np.float32),
+                                   "first_token_states": first.astype(np.float32)}}
+            results = RunResults()
+            for name, outputs in runs.items():
+                results.append((name, [IterationResult(outputs=outputs, runner_name=name)]))
+            G_LOGGER.module_severity = G_LOGGER.WARNING
+            atol, rtol = ENGINE_TOLERANCES[dtype]
+            ok = bool(Comparator.compare_accuracy(results, comparisons=[(1, 0)], compare_func=SimpleCompareFunc(
+                atol=atol, rtol=rtol, check_error_stat="elemwise")))
+            out(f"{'comparison':<28} {'output':<19} {'max abs':>10} {'atol':>7} {'rtol':>7}  verdict")
+            for output in ("hidden_states", "first_token_states"):
+                a = runs["eet-engine"][output].astype(np.float64)
+                b = runs["onnxruntime"][output].astype(np.float64)
+                diff = np.abs(a - b)
+                passed = bool(np.isfinite(a).all() and (diff <= atol + rtol * np.abs(b)).all())
+                ok &= passed
+                out(f"{'eet-engine vs onnxruntime':<28} {output:<19} {diff.max():>10.3e} {atol:>7.0e} {rtol:>7.0e}"
+                    f"  {'PASS' if passed else 'FAIL'}")
+        else:
+            gen = info["generation"]
+            prompts = random_prompts(rng, batch, max_len, gen["vocab_size"])
+            engine.limits.check(prompts, new_tokens)
+            out(f"prompts: seed {seed}, {batch} prompts, lengths {[len(p) for p in prompts]}, {new_tokens} new tokens")
+            result = engine.generate(prompts, new_tokens, eos_token_id=None, return_logits=True)
+            ort_logits: list = []
+            ort_tokens = ort_greedy(folder / info["files"]["original_onnx"], prompts, new_tokens, ort_logits)
+            ok = True
+            bound = ENGINE_LOGIT_TOLERANCES[dtype]
+            worst, flips = 0.0, []
+            for row, (got, want) in enumerate(zip(result.tokens, ort_tokens)):
+                for step in range(new_tokens):
+                    ref = ort_logits[step][row]
+                    err = np.abs(result.logits[step][row] - ref).max() / np.abs(ref).max()
+                    worst = max(worst, float(err))
+                    if got[step] != want[step]:
+                        top = np.sort(ref)[::-1]
+                        margin = float((top[0] - top[1]) / np.abs(ref).max())
+                        flips.append((row, step, margin))
+                        ok &= margin <= bound
+                        break  # the row's inputs differ from here on
+            agree = float(np.mean(np.array(result.tokens) == np.array(ort_tokens)))
+            ok &= worst <= bound and (dtype != "fp32" or not flips or all(m <= bound for _, _, m in flips))
+            out(f"tokens: engine vs onnxruntime {agree:.1%} equal; flips (row, step, onnxruntime top-2 margin): "
+                f"{[(r, s, round(m, 5)) for r, s, m in flips] or 'none'} (allowed where margin <= {bound:.0e})")
+            out(f"logits: max abs / max |logit| {worst:.2e} before each row's first flip, bound {bound:.0e}  "
+                f"{'PASS' if worst <= bound else 'FAIL'}")
+    out("PASS" if ok else "FAIL")
+    out("the TensorRT engine was executed on the GPU")
+    return ok
+
+
+def main(argv: list[str] | None = None, deserialize_hook=None) -> int:
+    """``eet check DIR [--batch B] [--max-len L] [--seed N] [--engine auto|yes|no]``"""
     p = argparse.ArgumentParser(prog="eet check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("directory", metavar="DIR", help="a directory written by `eet build`")
@@ -292,10 +392,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-len", type=int, default=None, help="longest sequence / prompt (default 64 / 24)")
     p.add_argument("--new-tokens", type=int, default=12, help="GPT-2: tokens to generate (default 12)")
     p.add_argument("--seed", type=int, default=None, help="seed of the batch (default: fresh, printed)")
+    p.add_argument("--engine", choices=("auto", "yes", "no"), default="auto",
+                   help="execute the engine on the GPU: auto (default) where this machine can, else the reference "
+                   "check; yes: fail if it cannot; no: the reference check only")
     args = p.parse_args(argv)
     from eet.runtime import sidecar
 
-    if sidecar.read(args.directory, verify_plan=False)["family"] == "gpt2":
+    family = sidecar.read(args.directory, verify_plan=False)["family"]
+    batch, max_len = args.batch or (6 if family == "bert" else 4), args.max_len or (64 if family == "bert" else 24)
+    if args.engine != "no":
+        try:
+            ok = run_check_engine(args.directory, batch, max_len, args.seed, args.new_tokens,
+                                  deserialize_hook=deserialize_hook)
+            sys.stdout.flush()
+            return 0 if ok else 1
+        except EetError as exc:
+            if args.engine == "yes":
+                raise
+            print(f"the engine cannot be executed here ({exc}); checking its graph with the plugin references "
+                  "instead")
+    if family == "gpt2":
         ok = run_check_gpt2(args.directory, args.batch or 4, args.max_len or 24, args.new_tokens, args.seed)
     else:
         ok = run_check(args.directory, args.batch or 6, args.max_len or 64, args.seed)

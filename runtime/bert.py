@@ -1,0 +1,197 @@
+"""BERT engines: :meth:`BertEngine.encode` packs a batch of sequences back to back (no padding), runs the
+engine, and returns each sequence's hidden states and first-token vector.
+
+Packing (:func:`pack`) and splitting a batch into engine calls (:func:`plan_calls`) are plain NumPy, so they
+are tested without a GPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from eet.errors import EetError
+from eet.runtime.engine import Engine
+
+
+@dataclass(frozen=True)
+class BertLimits:
+    """What a packed BERT engine takes per call: ``max_batch`` sequences, ``max_tokens`` tokens in all, each
+    sequence at most ``max_seq`` tokens, token ids below ``vocab_size``, token types below ``type_vocab``."""
+
+    max_batch: int
+    max_tokens: int
+    max_seq: int
+    vocab_size: int
+    type_vocab: int = 2
+
+
+def check_batch(ids: Sequence[Sequence[int]], limits: BertLimits,
+                token_types: Sequence[Sequence[int]] | None = None) -> None:
+    """Raise :class:`EetError` naming the first sequence that the engine cannot take."""
+    if len(ids) == 0:
+        raise EetError("empty batch: give at least one sequence")
+    for i, seq in enumerate(ids):
+        if len(seq) == 0:
+            raise EetError(f"sequence {i} is empty: every sequence needs at least one token")
+        if len(seq) > limits.max_seq:
+            raise EetError(f"sequence {i} has {len(seq)} tokens, over the engine's --max-seq {limits.max_seq}; "
+                           "truncate it or rebuild with a larger --max-seq")
+        arr = np.asarray(seq)
+        if arr.min() < 0 or arr.max() >= limits.vocab_size:
+            bad = int(arr[(arr < 0) | (arr >= limits.vocab_size)][0])
+            raise EetError(f"sequence {i} holds token id {bad}, outside the vocabulary [0, {limits.vocab_size})")
+        if token_types is not None:
+            types = np.asarray(token_types[i])
+            if types.shape != arr.shape:
+                raise EetError(f"token_type_ids of sequence {i} has {types.size} entries for {arr.size} tokens")
+            if types.min() < 0 or types.max() >= limits.type_vocab:
+                raise EetError(f"token_type_ids of sequence {i} leave [0, {limits.type_vocab})")
+
+
+def plan_calls(lengths: Sequence[int], limits: BertLimits) -> list[tuple[int, int]]:
+    """Split sequences (in order) into engine calls: [(start, end), ...] with at most ``max_batch`` sequences
+    and ``max_tokens`` tokens per call. Every length must already be <= ``max_seq`` (<= ``max_tokens``)."""
+    calls, start, tokens = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and (i - start == limits.max_batch or tokens + n > limits.max_tokens):
+            calls.append((start, i))
+            start, tokens = i, 0
+        tokens += n
+    calls.append((start, len(lengths)))
+    return calls
+
+
+def pack(ids: Sequence[Sequence[int]], token_types: Sequence[Sequence[int]] | None = None) -> dict[str, np.ndarray]:
+    """The packed engine inputs of one call (int32): ``input_ids``, ``token_type_ids``, ``position_ids`` [T]
+    (positions restart at 0 for each sequence), ``cu_seqlens`` [B+1]; plus ``max_seqlen``, the longest length
+    (the size of the [S] shape-carrier input)."""
+    lengths = np.array([len(s) for s in ids], dtype=np.int64)
+    cat = np.concatenate([np.asarray(s, dtype=np.int32) for s in ids])
+    types = (np.concatenate([np.asarray(t, dtype=np.int32) for t in token_types]) if token_types is not None
+             else np.zeros_like(cat))
+    return {"input_ids": cat, "token_type_ids": types,
+            "position_ids": np.concatenate([np.arange(n, dtype=np.int32) for n in lengths]),
+            "cu_seqlens": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32),
+            "max_seqlen": int(lengths.max())}
+
+
+@dataclass
+class Encoding:
+    """The result of :meth:`BertEngine.encode`, in input order.
+
+    Attributes:
+        hidden_states: per sequence, [L_i, H] last hidden states in the engine's dtype (float16 for fp16
+            engines; views of one [T, H] array).
+        first_token: float32 [B, H], each sequence's first-token ([CLS]) hidden state.
+        lengths: int [B] tokens per sequence.
+        calls: engine calls made (batches beyond the engine's limits are split).
+    """
+
+    hidden_states: list[np.ndarray]
+    first_token: np.ndarray
+    lengths: np.ndarray
+    calls: int = 1
+
+    def mean_pooled(self) -> np.ndarray:
+        """float32 [B, H]: mean of each sequence's hidden states (sentence-transformers' pooling)."""
+        return np.stack([h.mean(axis=0, dtype=np.float32) for h in self.hidden_states])
+
+
+class BertEngine(Engine):
+    """A packed BERT engine built by ``eet build bert``; make one with :func:`eet.runtime.load`."""
+
+    family = "bert"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        build, cfg = self.info["build"], self.info["model"]["config"]
+        self.limits = BertLimits(build["max_batch"], build["max_tokens"], build["max_seq"], cfg["vocab_size"],
+                                 cfg.get("type_vocab_size", 2))
+        self.hidden_size = int(self.info["model"]["hidden_size"])
+        d, lim = self.device, self.limits
+        self._host = {name: d.pinned(lim.max_tokens, np.int32)
+                      for name in ("input_ids", "token_type_ids", "position_ids")}
+        self._host["cu_seqlens"] = d.pinned(lim.max_batch + 1, np.int32)
+        self._host["hidden_states"] = d.pinned(lim.max_tokens * self.hidden_size, self.io["hidden_states"].dtype)
+        self._host["first_token_states"] = d.pinned(lim.max_batch * self.hidden_size,
+                                                    self.io["first_token_states"].dtype)
+        ctx = self.contexts[0]
+        d.cuda.memset_d8_async(self.buffers["max_seqlen"], 0, self.io["max_seqlen"].nbytes, ctx.stream)
+        ctx.stream.synchronize()
+
+    def run_packed(self, feeds: dict, copy: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """One engine call on packed inputs (see :func:`pack`): (hidden_states [T, H], first_token_states
+        [B, H]) in the engine's dtype; copies, or with ``copy=False`` views of the pinned staging buffers that
+        the next call overwrites."""
+        self._require_open()
+        ctx, h = self.contexts[0], self._host
+        t, b = feeds["input_ids"].size, feeds["cu_seqlens"].size - 1
+        for name in ("input_ids", "token_type_ids", "position_ids"):
+            h[name][:t] = feeds[name]
+            self.upload(ctx, name, h[name][:t])
+        h["cu_seqlens"][: b + 1] = feeds["cu_seqlens"]
+        self.upload(ctx, "cu_seqlens", h["cu_seqlens"][: b + 1])
+        carrier = feeds["max_seqlen"]  # the longest length, or an [S] array as the engine input itself
+        longest = int(carrier) if np.ndim(carrier) == 0 else len(carrier)
+        ctx.set_shapes({"input_ids": (t,), "token_type_ids": (t,), "position_ids": (t,), "cu_seqlens": (b + 1,),
+                        "max_seqlen": (longest,)})
+        ctx.execute()
+        hidden = h["hidden_states"][: t * self.hidden_size]
+        first = h["first_token_states"][: b * self.hidden_size]
+        self.download(ctx, "hidden_states", hidden)
+        self.download(ctx, "first_token_states", first)
+        ctx.stream.synchronize()
+        hidden, first = hidden.reshape(t, self.hidden_size), first.reshape(b, self.hidden_size)
+        return (hidden.copy(), first.copy()) if copy else (hidden, first)
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
+        """Token ids and token types of ``texts`` with the model's tokenizer, truncated to --max-seq."""
+        tokenizer = self.tokenizer()
+        if tokenizer is None:
+            raise EetError("this engine has no tokenizer (it was built from a config, not a model directory): "
+                           "give token-id lists instead of texts")
+        enc = tokenizer(list(texts), truncation=True, max_length=self.limits.max_seq)
+        types = enc.get("token_type_ids") or [[0] * len(i) for i in enc["input_ids"]]
+        return enc["input_ids"], types
+
+    def encode(self, batch: Sequence[Sequence[int]] | Sequence[str] | str,
+               token_type_ids: Sequence[Sequence[int]] | None = None) -> Encoding:
+        """Encode a batch of sequences, packed without padding.
+
+        Args:
+            batch: token-id lists (each 1..--max-seq tokens), or texts (tokenized with the model's tokenizer
+                and truncated to --max-seq). Batches beyond the engine's --max-batch / --max-tokens are split
+                into several calls.
+            token_type_ids: per sequence, like ``batch`` (default all 0); only with token-id lists.
+
+        Raises:
+            EetError: empty batch or sequence, a sequence over --max-seq, ids outside the vocabulary, texts without
+                a tokenizer.
+        """
+        if isinstance(batch, str):
+            batch = [batch]
+        batch = list(batch)
+        if batch and all(isinstance(s, str) for s in batch):
+            if token_type_ids is not None:
+                raise EetError("token_type_ids go with token-id lists; texts get theirs from the tokenizer")
+            batch, token_type_ids = self.tokenize(batch)
+        elif any(isinstance(s, str) for s in batch):
+            raise EetError("give sequences either all as texts or all as token-id lists, not mixed")
+        check_batch(batch, self.limits, token_type_ids)
+        lengths = np.array([len(s) for s in batch])
+        calls = plan_calls(lengths.tolist(), self.limits)
+        # one [T, H] array in the engine's dtype (no float32 conversion on the host: numpy's fp16 casts are slow),
+        # split into per-sequence views
+        hidden = np.empty((int(lengths.sum()), self.hidden_size), self.io["hidden_states"].dtype)
+        first = np.empty((len(batch), self.hidden_size), np.float32)
+        row = 0
+        for start, end in calls:
+            feeds = pack(batch[start:end], None if token_type_ids is None else token_type_ids[start:end])
+            h, f = self.run_packed(feeds, copy=False)
+            hidden[row:row + len(h)] = h
+            first[start:end] = f
+            row += len(h)
+        bounds = np.cumsum(lengths)[:-1]
+        return Encoding(np.split(hidden, bounds), first, lengths, len(calls))

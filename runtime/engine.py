@@ -1,0 +1,353 @@
+"""Load a built engine directory and run it: :func:`load` returns a :class:`~eet.runtime.bert.BertEngine`
+(``encode()``) or a :class:`~eet.runtime.gpt2.Gpt2Engine` (``generate()``), both context managers.
+
+    import eet.runtime
+    with eet.runtime.load("eet-bert") as engine:
+        out = engine.encode(["a sentence", "another one"])
+
+What :func:`load` does, in order (each step fails with an :class:`EetError` that names the problem and the fix):
+
+1. reads ``engine.json`` and checks its schema and the plan's sha256 (:mod:`eet.runtime.sidecar`);
+2. checks that the installed TensorRT is the flavour and version the plan was built with, and that the plan's
+   plugins are the versions this EET provides (:func:`check_compatible`);
+3. opens the GPU's primary CUDA context with PyCUDA (so it coexists with PyTorch in one process), registers
+   the EET plugin creators and deserializes the plan; a GPU the flavour cannot run the plan on is named in the
+   error with its compute capability;
+4. creates one execution context per optimization profile, each with its own stream, and device buffers for
+   every engine input and output sized for the largest shapes of the profiles (the GPT-2 KV cache included:
+   the runtime owns it). Host staging buffers are pinned.
+
+``deserialize_hook`` is a seam for tests and benchmarks: a context-manager factory wrapped around the plan's
+deserialization (the GPU tests pass the cc-shim's ``faked_capability`` there). The product passes nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ContextManager, Mapping, Sequence
+
+import numpy as np
+
+from eet.errors import EetError
+
+GRAPH_MODES = ("auto", "engine", "stream", "off")
+"""How the GPT-2 decode step is captured in a CUDA graph: ``engine`` (TensorRT-RTX's own whole-graph capture,
+``IRuntimeConfig.cuda_graph_strategy``), ``stream`` (the runtime captures ``execute_async_v3`` with the CUDA
+driver's stream capture and replays it), ``off``, or ``auto`` (``engine`` where the flavour has it, else
+``stream``)."""
+
+
+def check_compatible(info: Mapping, flavour: str, version: str) -> None:
+    """Raise :class:`EetError` unless a plan described by sidecar ``info`` can be run by TensorRT ``flavour``
+    ``version`` with this EET's plugins.
+
+    A plan is tied to the exact TensorRT flavour and version that built it; its plugin nodes to the plugin
+    versions of :mod:`eet.plugins.spec`.
+    """
+    from eet.plugins import spec
+
+    built = info.get("tensorrt") or {}
+    if built.get("flavour") != flavour:
+        raise EetError(f"the plan was built with {built.get('flavour')} {built.get('version')}, and this process "
+                       f"has {flavour} {version}: a plan runs only on the TensorRT flavour that built it; install "
+                       f"{built.get('flavour')} {built.get('version')} or rebuild with `eet build`")
+    if built.get("version") != version:
+        raise EetError(f"the plan was built with {flavour} {built.get('version')}, and this process has {flavour} "
+                       f"{version}: plans are tied to the TensorRT version; rebuild with `eet build`")
+    known = spec.PLUGINS
+    for plugin in info.get("plugins", []):
+        mine = known.get(plugin.get("name"))
+        if mine is None:
+            raise EetError(f"the plan uses plugin {plugin.get('name')!r}, which this EET does not provide; "
+                           "rebuild with `eet build`")
+        if str(plugin.get("version")) != mine.version or plugin.get("namespace", mine.namespace) != mine.namespace:
+            raise EetError(f"the plan uses {mine.name} version {plugin.get('version')} (namespace "
+                           f"{plugin.get('namespace')}), this EET provides version {mine.version} (namespace "
+                           f"{mine.namespace}); rebuild with `eet build`")
+    if info.get("family") not in ("bert", "gpt2"):
+        raise EetError(f"unknown model family {info.get('family')!r} in the sidecar; rebuild with `eet build`")
+
+
+def unsupported_gpu_message(gpu, flavour: str, version: str, log: Sequence[str]) -> str:
+    """The error for a plan that TensorRT would not deserialize on ``gpu`` (a :class:`GpuInfo`)."""
+    details = "; ".join(log[-3:]) if log else "no message from TensorRT"
+    hint = ("TensorRT-RTX runs on the GPUs it lists (GeForce / RTX workstation GPUs, compute capability 7.5-8.9 "
+            "and 10.0+); on a data-center GPU such as an H100 use full TensorRT (`pip install tensorrt`, then "
+            "rebuild)" if flavour == "tensorrt_rtx" else "rebuild the engine on this machine with `eet build`")
+    return (f"{flavour} {version} cannot run this plan on {gpu}: {details}. {hint}")
+
+
+def _collecting_logger(trt):
+    """A TensorRT logger printing warnings and keeping error messages (``.errors``)."""
+    t = trt.module
+
+    class Logger(t.ILogger):
+        def __init__(self):
+            t.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):
+            if severity in (t.ILogger.Severity.ERROR, t.ILogger.Severity.INTERNAL_ERROR):
+                self.errors.append(str(msg))
+            elif severity == t.ILogger.Severity.WARNING:
+                print(f"[TensorRT] {msg}")
+
+    return Logger()
+
+
+@dataclass(frozen=True)
+class TensorIO:
+    """One engine input or output: ``name``, numpy ``dtype``, ``is_input``, and ``nbytes``, the size of its
+    device buffer (the largest shape any profile allows)."""
+
+    name: str
+    dtype: np.dtype
+    is_input: bool
+    nbytes: int
+
+
+class ProfileContext:
+    """One execution context bound to one optimization profile, with its own stream.
+
+    Every I/O tensor is bound once to the engine's shared device buffer; :meth:`set_shapes` changes only the
+    input shapes that differ from the last call.
+    """
+
+    def __init__(self, engine: "Engine", index: int, runtime_config=None):
+        self.index = index
+        self.stream = engine.device.stream()
+        trt_engine = engine.trt_engine
+        context = (trt_engine.create_execution_context(runtime_config) if runtime_config is not None
+                   else trt_engine.create_execution_context())
+        if context is None:
+            raise EetError(f"TensorRT could not create an execution context for profile {index} "
+                           f"({'; '.join(engine.log.errors[-3:]) or 'no message'})")
+        self.context = context
+        if not context.set_optimization_profile_async(index, self.stream.handle):
+            raise EetError(f"TensorRT refused optimization profile {index}")
+        self.stream.synchronize()
+        self._shapes: dict[str, tuple[int, ...]] = {}
+
+    def max_shapes(self, engine: "Engine") -> dict[str, tuple[int, ...]]:
+        """Every I/O tensor's largest shape under this profile (inputs from the profile, outputs inferred)."""
+        shapes = {}
+        for name in engine.input_names:
+            if -1 in tuple(engine.trt_engine.get_tensor_shape(name)):
+                shapes[name] = tuple(engine.trt_engine.get_tensor_profile_shape(name, self.index)[2])
+            else:
+                shapes[name] = tuple(engine.trt_engine.get_tensor_shape(name))
+        self.set_shapes(shapes)
+        for name in engine.output_names:
+            shapes[name] = tuple(self.context.get_tensor_shape(name))
+        return shapes
+
+    def bind(self, addresses: Mapping[str, int]) -> None:
+        for name, address in addresses.items():
+            if not self.context.set_tensor_address(name, address):
+                raise EetError(f"TensorRT refused the address of {name!r}")
+
+    def set_shapes(self, shapes: Mapping[str, Sequence[int]]) -> None:
+        """Set input shapes; raises :class:`EetError` naming an input whose shape the profile does not allow."""
+        for name, shape in shapes.items():
+            shape = tuple(int(s) for s in shape)
+            if self._shapes.get(name) != shape:
+                if not self.context.set_input_shape(name, shape):
+                    raise EetError(f"input {name!r} of shape {shape} is outside optimization profile {self.index}")
+                self._shapes[name] = shape
+
+    def execute(self) -> None:
+        if not self.context.execute_async_v3(self.stream.handle):
+            raise EetError(f"TensorRT failed to enqueue the engine (profile {self.index})")
+
+
+class Engine:
+    """A deserialized EET engine with its contexts and buffers. Use :func:`load` to make one.
+
+    Attributes:
+        directory: the engine directory; ``info``: its sidecar; ``trt``: the TensorRT flavour (:mod:`eet.trt`);
+        ``device``: the :class:`~eet.runtime.device.Device`; ``io``: name -> :class:`TensorIO`;
+        ``buffers``: name -> device allocation (shared by all contexts); ``contexts``: one
+        :class:`ProfileContext` per optimization profile, in profile order.
+    """
+
+    family = ""
+
+    def __init__(self, directory: Path, info: dict, trt, device, trt_engine, log, graphs: str = "auto"):
+        self.directory, self.info, self.trt, self.device = directory, info, trt, device
+        self.trt_engine, self.log = trt_engine, log
+        if graphs not in GRAPH_MODES:
+            raise EetError(f"unknown cuda_graphs mode {graphs!r}: use one of {', '.join(GRAPH_MODES)}")
+        has_engine_graphs = hasattr(trt.module, "CudaGraphStrategy")
+        self.graphs = ("engine" if has_engine_graphs else "stream") if graphs == "auto" else graphs
+        if self.graphs == "engine" and not has_engine_graphs:
+            raise EetError(f"{trt.flavour} {trt.version} has no engine-side CUDA graph capture; use "
+                           "cuda_graphs='stream'")
+        t = trt.module
+        self.input_names, self.output_names = [], []
+        for i in range(trt_engine.num_io_tensors):
+            name = trt_engine.get_tensor_name(i)
+            (self.input_names if trt_engine.get_tensor_mode(name) == t.TensorIOMode.INPUT
+             else self.output_names).append(name)
+        self.contexts: list[ProfileContext] = []
+        self.buffers: dict = {}
+        self._closed = False
+        try:
+            self.contexts = [ProfileContext(self, p, self._runtime_config(p))
+                             for p in range(trt_engine.num_optimization_profiles)]
+            sizes: dict[str, int] = {}
+            for ctx in self.contexts:
+                for name, shape in ctx.max_shapes(self).items():
+                    dtype = np.dtype(t.nptype(trt_engine.get_tensor_dtype(name)))
+                    sizes[name] = max(sizes.get(name, 0), math.prod(shape) * dtype.itemsize)
+            self.io = {name: TensorIO(name, np.dtype(t.nptype(trt_engine.get_tensor_dtype(name))),
+                                      name in self.input_names, sizes[name]) for name in sizes}
+            self.buffers = {name: device.alloc(io.nbytes) for name, io in self.io.items()}
+            for ctx in self.contexts:
+                ctx.bind({name: int(buf) for name, buf in self.buffers.items()})
+        except BaseException:
+            self.close()
+            raise
+
+    def _runtime_config(self, profile: int):
+        """The runtime configuration of the context for ``profile`` (None: the default)."""
+        return None
+
+    # ---- life cycle
+    def close(self) -> None:
+        """Free the contexts, the engine, every buffer, and release the CUDA context (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for ctx in self.contexts:
+            ctx.stream.synchronize()
+        self._release()
+        self.contexts = []
+        self.trt_engine = None
+        for buf in self.buffers.values():
+            buf.free()
+        self.buffers = {}
+        self.device.close()
+
+    def _release(self) -> None:
+        """Subclasses free what they hold on the device (graphs) before the contexts go."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise EetError("this engine is closed; load it again with eet.runtime.load()")
+
+    # ---- transfers on a context's stream
+    def upload(self, ctx: ProfileContext, name: str, host: np.ndarray) -> None:
+        self.device.cuda.memcpy_htod_async(self.buffers[name], host, ctx.stream)
+
+    def download(self, ctx: ProfileContext, name: str, host: np.ndarray) -> None:
+        self.device.cuda.memcpy_dtoh_async(host, self.buffers[name], ctx.stream)
+
+    def tokenizer(self):
+        """The model's Hugging Face tokenizer from ``DIR/tokenizer`` (None when the engine has none)."""
+        if not hasattr(self, "_tokenizer"):
+            name = self.info["files"].get("tokenizer")
+            self._tokenizer = None
+            if name and (self.directory / name).is_dir():
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self.directory / name))
+        return self._tokenizer
+
+    def describe(self) -> str:
+        return (f"{self.family} engine {self.directory} ({self.info['dtype']}, {self.trt.flavour} {self.trt.version}) "
+                f"on {self.device.info}")
+
+
+def load(directory: str | Path, *, device: int = 0, cuda_graphs: str = "auto",
+         deserialize_hook: Callable[[], ContextManager] | None = None):
+    """Load the engine in ``directory`` (written by ``eet build``) on GPU ``device``.
+
+    Args:
+        directory: the engine directory (``engine.plan`` + ``engine.json``).
+        device: CUDA device ordinal (default 0).
+        cuda_graphs: GPT-2 decode-step capture, one of :data:`GRAPH_MODES` (default ``auto``).
+        deserialize_hook: a context-manager factory wrapped around deserialization (tests only; default none).
+
+    Returns:
+        a :class:`~eet.runtime.bert.BertEngine` or :class:`~eet.runtime.gpt2.Gpt2Engine`; close it (or use
+        ``with``) to free the GPU memory.
+
+    Raises:
+        EetError: see the module docstring.
+    """
+    from eet import trt as trt_compat
+    from eet.runtime import sidecar
+    from eet.runtime.device import Device
+
+    folder = Path(directory)
+    info = sidecar.read(folder)
+    wanted = (info.get("tensorrt") or {}).get("flavour")
+    try:
+        trt = trt_compat.load(wanted if wanted in trt_compat.FLAVOURS else None)
+    except EetError:
+        trt = trt_compat.load()  # check_compatible names what is installed and what the plan needs
+    check_compatible(info, trt.flavour, trt.version)
+    from eet.plugins import _lib
+
+    try:
+        _lib.load_library()  # a missing or stale kernel library fails here, not inside TensorRT
+    except RuntimeError as exc:
+        raise EetError(str(exc)) from exc
+    dev = Device(device)
+    try:
+        trt_engine, log = _deserialize(trt, dev, folder / info["files"]["plan"], deserialize_hook)
+        from eet.runtime.bert import BertEngine
+        from eet.runtime.gpt2 import Gpt2Engine
+
+        cls = {"bert": BertEngine, "gpt2": Gpt2Engine}[info["family"]]
+        return cls(folder, info, trt, dev, trt_engine, log, cuda_graphs)
+    except BaseException:
+        dev.close()
+        raise
+
+
+def _deserialize(trt, dev, plan: Path, hook):
+    """(ICudaEngine, its logger): the plan deserialized on ``dev`` with the EET plugins registered."""
+    from eet.plugins.tensorrt import register
+
+    register(trt)
+    log = _collecting_logger(trt)
+    runtime = trt.module.Runtime(log)
+    with (hook or contextlib.nullcontext)():
+        trt_engine = runtime.deserialize_cuda_engine(plan.read_bytes())
+    if trt_engine is None:
+        raise EetError(unsupported_gpu_message(dev.info, trt.flavour, trt.version, log.errors))
+    log.runtime = runtime  # the runtime must outlive the engine
+    return trt_engine, log
+
+
+def load_plain(directory: str | Path, *, device: int = 0,
+               deserialize_hook: Callable[[], ContextManager] | None = None) -> Engine:
+    """The plain baseline ``DIR/plain.plan`` (``eet build bert --plain-baseline``) as a generic :class:`Engine`
+    (contexts, buffers and transfers, no encode()): what `eet bench` compares the EET engine with."""
+    from eet import trt as trt_compat
+    from eet.runtime import sidecar
+    from eet.runtime.device import Device
+
+    folder = Path(directory)
+    info = sidecar.read(folder)
+    plan = folder / "plain.plan"
+    if not plan.is_file():
+        raise EetError(f"{folder} has no plain.plan: build with `eet build bert --plain-baseline`")
+    trt = trt_compat.load(info["tensorrt"]["flavour"])
+    check_compatible(info, trt.flavour, trt.version)
+    dev = Device(device)
+    try:
+        trt_engine, log = _deserialize(trt, dev, plan, deserialize_hook)
+        return Engine(folder, info, trt, dev, trt_engine, log, "off")
+    except BaseException:
+        dev.close()
+        raise

@@ -1,0 +1,177 @@
+"""eet.runtime logic that needs no GPU: packing and splitting BERT batches, the generation loop's EOS and
+streaming control, sidecar / TensorRT / plugin compatibility, and the load-time errors on a machine without
+PyCUDA or a GPU."""
+import json
+
+import numpy as np
+import pytest
+
+from eet.errors import EetError
+from eet.runtime.bert import BertLimits, check_batch, pack, plan_calls
+from eet.runtime.engine import check_compatible, unsupported_gpu_message
+
+LIMITS = BertLimits(max_batch=4, max_tokens=100, max_seq=40, vocab_size=50)
+
+
+def test_pack_restarts_positions_and_counts_tokens(rng):
+    lengths = rng.integers(1, 40, size=7)
+    seqs = [rng.integers(0, 50, n).tolist() for n in lengths]
+    feeds = pack(seqs)
+    assert feeds["cu_seqlens"].tolist() == [0] + np.cumsum(lengths).tolist()
+    assert feeds["max_seqlen"] == lengths.max()
+    for b, s in enumerate(seqs):
+        lo, hi = feeds["cu_seqlens"][b], feeds["cu_seqlens"][b + 1]
+        assert feeds["input_ids"][lo:hi].tolist() == s
+        assert feeds["position_ids"][lo:hi].tolist() == list(range(len(s)))
+    assert all(v.dtype == np.int32 for k, v in feeds.items() if k != "max_seqlen")
+    assert not feeds["token_type_ids"].any()
+
+
+def test_plan_calls_respects_every_limit(rng):
+    for _ in range(200):
+        lengths = rng.integers(1, LIMITS.max_seq + 1, size=int(rng.integers(1, 30))).tolist()
+        calls = plan_calls(lengths, LIMITS)
+        assert calls[0][0] == 0 and calls[-1][1] == len(lengths)
+        assert all(a[1] == b[0] for a, b in zip(calls, calls[1:]))  # in order, nothing skipped
+        for start, end in calls:
+            assert 1 <= end - start <= LIMITS.max_batch
+            assert sum(lengths[start:end]) <= LIMITS.max_tokens
+        # greedy: the next sequence would not have fit into the previous call
+        for (start, end), _ in zip(calls, calls[1:]):
+            assert end - start == LIMITS.max_batch or sum(lengths[start:end + 1]) > LIMITS.max_tokens
+
+
+@pytest.mark.parametrize("batch,types,match", [
+    ([], None, "empty batch"),
+    ([[1, 2], []], None, "sequence 1 is empty"),
+    ([[1] * 41], None, "41 tokens, over the engine's --max-seq 40"),
+    ([[1, 50]], None, "token id 50, outside the vocabulary"),
+    ([[1, -1]], None, "token id -1"),
+    ([[1, 2]], [[0]], "1 entries for 2 tokens"),
+    ([[1, 2]], [[0, 2]], "token_type_ids of sequence 0 leave"),
+])
+def test_check_batch_names_the_problem(batch, types, match):
+    with pytest.raises(EetError, match=match):
+        check_batch(batch, LIMITS, types)
+
+
+def counting_step(vocab=10):
+    """A step function whose row r emits (r + step) % vocab: predictable EOS timing per row."""
+    calls = []
+
+    def step(ids, pads, position, extra):
+        calls.append((ids.shape, position))
+        rows = np.arange(ids.shape[0])
+        return ((rows + position) % vocab).astype(np.int32), None
+
+    return step, calls
+
+
+def test_eos_stops_rows_and_the_loop():
+    from eet.runtime.generation import generate, iterate
+
+    step, calls = counting_step()
+    prompts = [[1, 2, 3], [4], [5, 6]]
+    # the context step (position 0) makes row r emit r, then decode steps at positions 3, 4, ... emit r + position
+    tokens, _ = generate(step, prompts, 10, eos_token_id=6)
+    assert tokens == [[0, 3, 4, 5, 6], [1, 4, 5, 6], [2, 5, 6]]
+    assert [c[1] for c in calls] == [0, 3, 4, 5, 6]  # stopped once every row finished, not after 10 tokens
+    assert calls[0][0] == (3, 3) and all(shape == (3, 1) for shape, _ in calls[1:])
+    streamed = list(iterate(counting_step()[0], prompts, 10, eos_token_id=6))
+    assert [s.tokens.tolist() for s in streamed] == [[0, 1, 2], [3, 4, 5], [4, 5, 6], [5, 6, -1], [6, -1, -1]]
+    assert [s.finished.tolist() for s in streamed] == [[False] * 3, [False] * 3, [False, False, True],
+                                                      [False, True, True], [True] * 3]
+    tokens, _ = generate(counting_step()[0], prompts, 3, eos_token_id=None)
+    assert tokens == [[0, 3, 4], [1, 4, 5], [2, 5, 6]]
+
+
+def sidecar_info(**over):
+    from eet.plugins.spec import PREPAD_ATTENTION
+
+    info = {"family": "gpt2", "tensorrt": {"flavour": "tensorrt_rtx", "version": "1.7.1.116"},
+            "plugins": [{"name": PREPAD_ATTENTION.name, "version": PREPAD_ATTENTION.version, "namespace": "eet"}]}
+    info.update(over)
+    return info
+
+
+def test_compatibility_errors():
+    check_compatible(sidecar_info(), "tensorrt_rtx", "1.7.1.116")
+    with pytest.raises(EetError, match="a plan runs only on the TensorRT flavour that built it"):
+        check_compatible(sidecar_info(), "tensorrt", "10.13.0")
+    with pytest.raises(EetError, match="plans are tied to the TensorRT version"):
+        check_compatible(sidecar_info(), "tensorrt_rtx", "1.8.0")
+    with pytest.raises(EetError, match="EetPrePadAttention version 9"):
+        check_compatible(sidecar_info(plugins=[{"name": "EetPrePadAttention", "version": "9", "namespace": "eet"}]),
+                         "tensorrt_rtx", "1.7.1.116")
+    with pytest.raises(EetError, match="does not provide"):
+        check_compatible(sidecar_info(plugins=[{"name": "Other", "version": "1"}]), "tensorrt_rtx", "1.7.1.116")
+    with pytest.raises(EetError, match="unknown model family"):
+        check_compatible(sidecar_info(family="t5"), "tensorrt_rtx", "1.7.1.116")
+
+
+def test_unsupported_gpu_message_names_gpu_and_capability():
+    from eet.runtime.device import GpuInfo
+
+    msg = unsupported_gpu_message(GpuInfo(0, "NVIDIA H100 80GB HBM3", (9, 0)), "tensorrt_rtx", "1.7.1.116",
+                                  ["Target GPU SM 90 is not supported by this TensorRT release."])
+    assert "NVIDIA H100 80GB HBM3, compute capability 9.0" in msg and "tensorrt_rtx 1.7.1.116" in msg
+    assert "SM 90 is not supported" in msg and "full TensorRT" in msg
+
+
+def built_gpt2_dir(tmp_path):
+    """A directory that passes the sidecar checks (the plan itself is never deserialized here)."""
+    from eet.runtime import sidecar
+
+    (tmp_path / "engine.plan").write_bytes(b"plan")
+    from eet import trt as trt_compat
+
+    trt = trt_compat.load()
+    sidecar.write(tmp_path, {**sidecar_info(tensorrt={"flavour": trt.flavour, "version": trt.version}),
+                             "model": {}, "dtype": "fp32", "io": {}, "profiles": [], "build": {},
+                             "files": {"plan": "engine.plan"}, "plan_sha256": sidecar.sha256_file(tmp_path / "engine.plan")})
+    return tmp_path
+
+
+def test_load_without_pycuda_or_gpu_says_what_is_missing(tmp_path, monkeypatch):
+    import builtins
+
+    import eet.runtime
+
+    pytest.importorskip("tensorrt_rtx")
+    folder = built_gpt2_dir(tmp_path)
+    real_import = builtins.__import__
+
+    def no_pycuda(name, *args, **kwargs):
+        if name.startswith("pycuda"):
+            raise ImportError("No module named 'pycuda'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pycuda)
+    monkeypatch.setattr("eet.plugins._lib.load_library", lambda: None)  # CI machines build no kernels for here
+    with pytest.raises(EetError, match=r"needs PyCUDA.*pip install 'eet-trt\[runtime\]'"):
+        eet.runtime.load(folder)
+
+
+def test_load_checks_the_sidecar_first(tmp_path):
+    import eet.runtime
+
+    with pytest.raises(EetError, match="has no engine.json"):
+        eet.runtime.load(tmp_path)
+    folder = built_gpt2_dir(tmp_path)
+    (folder / "engine.plan").write_bytes(b"other")
+    with pytest.raises(EetError, match="does not match its sidecar"):
+        eet.runtime.load(folder)
+    info = json.loads((folder / "engine.json").read_text())
+    info["schema"] = "eet-trt/engine/0"
+    (folder / "engine.json").write_text(json.dumps(info))
+    with pytest.raises(EetError, match="schema"):
+        eet.runtime.load(folder)
+
+
+def test_sampling_arguments_are_checked():
+    from eet.runtime.generation import Sampling
+
+    for bad, match in ((dict(temperature=-1), "temperature"), (dict(top_k=-2), "top_k"), (dict(top_p=0), "top_p"),
+                       (dict(top_p=1.5), "top_p")):
+        with pytest.raises(EetError, match=match):
+            Sampling(**bad)
