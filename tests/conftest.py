@@ -77,3 +77,25 @@ def rng():
     seed = int(np.random.SeedSequence().entropy % 2**32)
     print(f"seed {seed}")
     return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def sidecar_only_gpt2(tmp_path):
+    """A GPT-2 engine directory whose sidecar passes every check (installed TensorRT flavour and version, the
+    plugins' versions, the plan's sha256) but whose plan is 4 bytes: for the checks that come before
+    deserialization."""
+    from eet import trt as trt_compat
+    from eet.plugins.spec import PREPAD_ATTENTION
+    from eet.runtime import sidecar
+
+    pytest.importorskip("tensorrt_rtx")
+    trt = trt_compat.load()
+    folder = tmp_path / "sidecar-only"
+    folder.mkdir()
+    (folder / "engine.plan").write_bytes(b"plan")
+    sidecar.write(folder, {
+        "family": "gpt2", "tensorrt": {"flavour": trt.flavour, "version": trt.version},
+        "plugins": [{"name": PREPAD_ATTENTION.name, "version": PREPAD_ATTENTION.version, "namespace": "eet"}],
+        "model": {}, "dtype": "fp32", "io": {}, "profiles": [], "build": {}, "files": {"plan": "engine.plan"},
+        "plan_sha256": sidecar.sha256_file(folder / "engine.plan")})
+    return folder

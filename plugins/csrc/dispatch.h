@@ -8,6 +8,11 @@
 // To build another head_dim for an op, add it to that op's HeadDimList (the kernels need
 // head_dim % 16 == 0); to build another element type, define its Dtype* entry below, add it to the
 // op's DtypeList (and give it a load/store overload in common.cuh).
+//
+// A Dtype entry also picks the kernel family: kTensorCores = true runs the fp16 tensor-core kernels
+// (mma_attention.cuh: varlen and pre-padding context attention), false the fp32-accumulating
+// CUDA-core kernels (tile.cuh). The launchers branch on KernelInstance::kTensorCores at compile time,
+// so only the chosen family is instantiated for a dtype.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -25,11 +30,13 @@ struct DtypeFp32 {
   static constexpr int32_t kCode = EET_DTYPE_FP32;
   using Element = float;
   static constexpr const char* kName = "fp32";
+  static constexpr bool kTensorCores = false;
 };
 struct DtypeFp16 {
   static constexpr int32_t kCode = EET_DTYPE_FP16;
   using Element = __half;
   static constexpr const char* kName = "fp16";
+  static constexpr bool kTensorCores = true;  // mma.sync m16n8k16, fp32 accumulation
 };
 
 template <typename... Dtypes>
@@ -38,13 +45,14 @@ template <int... HeadDims>
 struct HeadDimList {};
 
 // The compile-time pair handed to a dispatch callback.
-template <typename T, int HeadDim>
+template <typename Dtype, int HeadDim>
 struct KernelInstance {
-  using Element = T;
+  using Element = typename Dtype::Element;
   static constexpr int kHeadDim = HeadDim;
+  static constexpr bool kTensorCores = Dtype::kTensorCores;
 };
-template <typename T, int HeadDim>
-using VarlenInstance = KernelInstance<T, HeadDim>;
+template <typename Dtype, int HeadDim>
+using VarlenInstance = KernelInstance<Dtype, HeadDim>;
 
 template <typename Dtypes, typename HeadDims>
 struct DispatchTable;
@@ -55,13 +63,13 @@ struct DispatchTable<DtypeList<Dtypes...>, HeadDimList<HeadDims...>> {
   static_assert(sizeof...(Dtypes) > 0 && sizeof...(HeadDims) > 0, "empty dispatch table");
   static_assert(((HeadDims % 16 == 0 && HeadDims > 0) && ...), "head_dim must be a multiple of 16");
 
-  // Calls f(KernelInstance<T, head_dim>{}) and returns true when (dtype, head_dim) is in the table;
+  // Calls f(KernelInstance<Dtype, head_dim>{}) and returns true when (dtype, head_dim) is in the table;
   // returns false and calls nothing otherwise.
   template <typename F>
   static bool dispatch(int32_t dtype, int32_t head_dim, F&& f) {
     bool found = false;
     (void)((dtype == Dtypes::kCode
-                ? (found = dispatch_head_dim<typename Dtypes::Element>(head_dim, f), true)
+                ? (found = dispatch_head_dim<Dtypes>(head_dim, f), true)
                 : false) ||
            ...);
     return found;
@@ -94,9 +102,9 @@ struct DispatchTable<DtypeList<Dtypes...>, HeadDimList<HeadDims...>> {
   }
 
  private:
-  template <typename T, typename F>
+  template <typename Dtype, typename F>
   static bool dispatch_head_dim(int32_t head_dim, F& f) {
-    return ((head_dim == HeadDims ? (f(KernelInstance<T, HeadDims>{}), true) : false) || ...);
+    return ((head_dim == HeadDims ? (f(KernelInstance<Dtype, HeadDims>{}), true) : false) || ...);
   }
 };
 

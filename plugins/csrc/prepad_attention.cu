@@ -1,8 +1,9 @@
 // Pre-padding attention with a KV cache (GPT-2 generation, EET): the eet_prepad_attention C ABI of
 // eet_attention.h.
 //
-// Two kernels, in this order on the caller's stream (the attention of one (row, head) reads keys that
-// other blocks append, so the append must be complete first):
+// Context (seq > 1): two kernels, in this order on the caller's stream (the attention of one
+// (row, head) reads keys that other blocks append, so the append must be complete first). Decode
+// (seq == 1): one kernel (2b) that appends and attends.
 //
 // 1. prepad_append_kernel: k_cache[b, h, s + i, :] = k[b, i, h, :] (and v likewise).
 //    grid = (seq, min(batch, 65535)) blocks of 128 threads, a block per token row (b, i) (looping
@@ -25,25 +26,35 @@
 //    [0, max_len) write zeros.
 //    Shared memory as varlen: (kBlockM + 2 kBlockN)(D + 4) + kBlockM (kBlockN + 4) floats.
 //
-// 2b. seq == 1 (decode, memory bound): prepad_decode_kernel, one block per (b, h) (looping over b),
-//    4 or 8 warps (more when batch * num_heads is small next to the GPU's multiprocessor count).
-//    A cache row of D elements is kVecs 16-byte vectors; a group of kLanesPerKey lanes (a power of
-//    two <= 8 dividing kVecs) reads one key row, each lane kVecsPerLane vectors of it, so a warp
-//    reads 32 / kLanesPerKey adjacent cache rows at a time. Each group handles kKeysPerGroup keys per
-//    iteration and issues all their K and V loads (16-byte, read-only path) before using any.
-//    Dot products are reduced over the group's lanes by xor-shuffles; each group keeps its own
-//    online-softmax state (m, l and its lanes' slices of O in fp32 registers). At the end the groups
-//    of a warp are merged by shuffles, the warps through shared memory, and O / l is written (zeros
-//    when the row has no key).
+// 2b. seq == 1 (decode, memory bound): prepad_decode_kernel alone (no append kernel: it appends the
+//    new key and value itself and reads them from k and v, so no block reads a cache position that
+//    this launch writes). grid = (splits, num_heads, min(batch, 65535)), blocks looping over b;
+//    4 or 8 warps per block. splits > 1 (flash-decoding; sm_90+ only, chosen on the host from
+//    batch * num_heads, max_len and the resident blocks of the GPU, see launch_decode): the
+//    (b, h)'s blocks form a cluster. Its valid range [pad, s] is cut on the device into
+//    splits * warps even contiguous shares, one per warp (the last one also takes key s).
+//    A cache row of D elements is kVecs 16-byte vectors; a group of kLanesPerKey lanes (4 or 8)
+//    reads one key row, lane g vectors g, g + G, ... (kVecsPerLane of them, the last slot empty in
+//    some lanes when G does not divide kVecs), so a warp reads 32 / kLanesPerKey adjacent cache
+//    rows at a time. Each group handles kKeysPerGroup keys per iteration and issues all their K and
+//    V loads (16-byte, read-only path) before using any; q, key s and the first cache keys go out
+//    together. Dot products are reduced over the group's lanes by xor-shuffles; each group keeps its
+//    own online-softmax state (m, l and its lanes' slices of O in fp32 registers). At the end the
+//    groups of a warp are merged by shuffles, the warps of a block through shared memory, the
+//    blocks of a cluster in its first block (each block stores its (m, l, O) into the first block's
+//    shared memory, distributed shared memory: no workspace), and O / l is written (zeros when the
+//    row has no key).
 //
 // Every register array is indexed by compile-time constants (fully unrolled loops); no kernel
 // spills (see -DEET_PTXAS_VERBOSE=ON). Global memory outside the rows, columns and cache positions
 // described in eet_attention.h is never read or written, whatever *step and pad_lengths hold.
 
+#include <cooperative_groups.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <atomic>
@@ -53,6 +64,7 @@
 
 #include "common.cuh"
 #include "tile.cuh"
+#include "mma_attention.cuh"
 #include "dispatch.h"
 #include "eet_attention.h"
 #include "errors.h"
@@ -367,58 +379,294 @@ __global__ void __launch_bounds__(AttentionTile<D>::kThreads)
   }
 }
 
+// 2a (fp16). Context attention on tensor cores (mma_attention.cuh): same tiles, key range, causal
+// mask and zero rows as prepad_context_kernel; 64 query rows per block (16 per warp) or 128 (32 per
+// warp), chosen in launch_context.
+// Blocks are ordered so that the last query tile of every (row, head) (the one with the most keys)
+// is dispatched first, then the one before it, and so on.
+template <int D, int BlockM, int WarpRows>
+__global__ void __launch_bounds__(MmaTile<D, BlockM, WarpRows>::kThreads)
+    prepad_context_mma_kernel(const PrepadArgs a) {
+  extern __shared__ uint4 smem_u4[];
+  __half* const smem = reinterpret_cast<__half*>(smem_u4);
+  // Linear block id -> (query tile, from the last; head; first row).
+  const uint64_t heads_rows = static_cast<uint64_t>(gridDim.y) * gridDim.z;
+  const uint64_t lin =
+      blockIdx.x + static_cast<uint64_t>(gridDim.x) * (blockIdx.y + static_cast<uint64_t>(gridDim.y) *
+                                                                        blockIdx.z);
+  const int tile = static_cast<int>(gridDim.x - 1 - lin / heads_rows);
+  const int rem = static_cast<int>(lin % heads_rows);
+  const int h = rem % static_cast<int>(gridDim.y);
+  const int b_first = rem / static_cast<int>(gridDim.y);
+
+  const int m0 = tile * BlockM;
+  const int valid_m = min(BlockM, a.seq - m0);  // >= 1: the grid covers seq exactly
+  const bool vec = a.attention_vec != 0;
+  const int64_t s = __ldg(a.step);
+  const int64_t tile_pos = s + m0;  // cache position of local query row 0
+  // Keys of the whole tile: [pad, n_end), n_end = min(last position + 1, max_len) (<= 0: none).
+  const int64_t last_excl = tile_pos + valid_m;
+  const int n_end = static_cast<int>(last_excl < 0 ? 0 : (last_excl > a.max_len ? a.max_len
+                                                                                 : last_excl));
+  // Row r sees key j only if j <= pos0 + r (pos0: tile_pos clamped to int, as in the CUDA-core
+  // kernel); rows whose position lies outside [0, max_len) write zeros.
+  const int pos0 = static_cast<int>(tile_pos < -BlockM ? -BlockM
+                                                       : (tile_pos > a.max_len ? a.max_len
+                                                                               : tile_pos));
+  const int64_t lo = -tile_pos;
+  const int64_t hi = a.max_len - tile_pos;
+  const int row_lo = static_cast<int>(lo < 0 ? 0 : (lo > BlockM ? BlockM : lo));
+  const int row_hi = static_cast<int>(hi < 0 ? 0 : (hi > BlockM ? BlockM : hi));
+
+  for (int64_t b = b_first; b < a.batch; b += gridDim.z) {
+    const int n_start = max(__ldg(a.pad_lengths + b), 0);  // keys before the pad length: never read
+    __syncthreads();  // a previous row of this block is done with shared memory
+    const __half* q = static_cast<const __half*>(a.q) + (b * a.seq + m0) * a.q_stride +
+                      static_cast<int64_t>(h) * D;
+    __half* out = static_cast<__half*>(a.out) + (b * a.seq + m0) * a.o_stride +
+                  static_cast<int64_t>(h) * D;
+    const __half* k_head = cache_head<__half, D>(a.k_cache, b, h, a.num_heads, a.max_len);
+    const __half* v_head = cache_head<__half, D>(a.v_cache, b, h, a.num_heads, a.max_len);
+    // n_start >= n_end (every query of the tile is padding): no key tile at all, zeros written.
+    mma_attention_block<MmaTile<D, BlockM, WarpRows>, D, true>(
+        q, a.q_stride, valid_m, k_head, D, v_head, D, n_start, n_end, pos0, a.scale_log2, vec, out,
+        a.o_stride, row_lo, row_hi, smem);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // 2b. Decode attention (seq == 1)
+
+// Tuning knobs of the decode kernel and its split (flash-decoding) launch; see launch_decode.
+#ifndef EET_DECODE_SPLIT_FILL
+#define EET_DECODE_SPLIT_FILL 50  // split until the grid fills this percentage of resident blocks
+#endif
+#ifndef EET_DECODE_KEYS_PER_GROUP
+#define EET_DECODE_KEYS_PER_GROUP 4  // keys per lane group and iteration at one vector per lane
+#endif
+#ifndef EET_DECODE_MIN_SPLIT_KEYS
+#define EET_DECODE_MIN_SPLIT_KEYS 128  // ... while a full cache still gives each block this many keys
+#endif
 
 template <typename T, int D>
 struct DecodeConfig {
   static constexpr int kElems = VecTraits<T>::kElems;  // elements per 16-byte vector
-  static constexpr int kVecs = D / kElems;             // vectors per cache row
-  // Lanes per key: the largest power of two <= 8 that divides kVecs.
-  static constexpr int kLowBit = kVecs & -kVecs;
-  static constexpr int kLanesPerKey = kLowBit < 8 ? kLowBit : 8;
-  static constexpr int kVecsPerLane = kVecs / kLanesPerKey;
-  // Keys per group and iteration: at most 8 vectors of K (and 8 of V) in flight per lane.
-  static constexpr int kKeysPerGroup = kVecsPerLane <= 2 ? 4 : (kVecsPerLane <= 4 ? 2 : 1);
+  static constexpr int kVecs = D / kElems;             // vectors per cache row (4 .. 32)
+  // Lanes per key: a power of two; lane g of a key's group reads vectors g, g + G, ... (< kVecs).
+  static constexpr int kLanesPerKey = kVecs <= 4 ? 4 : 8;
+  static constexpr int kVecsPerLane = (kVecs + kLanesPerKey - 1) / kLanesPerKey;
+  static constexpr bool kRagged = kVecs % kLanesPerKey != 0;  // some lanes own one vector less
+  // Keys per group and iteration: about 8 vectors of K and V together in flight per lane.
+  static constexpr int kKeysPerGroup =
+      kVecsPerLane == 1 ? EET_DECODE_KEYS_PER_GROUP
+                        : (kVecsPerLane == 2 ? EET_DECODE_KEYS_PER_GROUP / 2 : 1);
   static constexpr int kGroups = 32 / kLanesPerKey;            // key groups per warp
   static constexpr int kKeysPerWarp = kGroups * kKeysPerGroup;  // keys per warp and iteration
+  static constexpr int kSplitWarps = 4;  // warps per block of a split launch (and of a large grid)
   static constexpr int kMaxWarps = 8;
   static constexpr int kMaxThreads = 32 * kMaxWarps;
+  static constexpr int kMaxSplits = 8;  // blocks per (row, head): the portable cluster size
+  // Blocks of kMaxThreads per multiprocessor the registers must allow: <= 80 registers per thread
+  // where that needs no spills (one vector per lane, 4 keys of 8 lanes), <= 128 otherwise.
+  static constexpr int kMinBlocks =
+      kVecsPerLane == 1 && kKeysPerGroup <= 4 && kLanesPerKey == 8 ? 3 : 2;
 
   static_assert(D % kElems == 0, "head_dim must fill whole 16-byte vectors");
-  static_assert(D % 4 == 0 && D / 4 <= kMaxThreads, "output written 4 elements per thread");
+  static_assert(kVecs >= kLanesPerKey / 2, "every lane of a group but the ragged tail owns a vector");
+  static_assert(D % 4 == 0 && D / 4 <= 32, "output written 4 elements per thread by one warp");
 };
 
-// The minimum of 1 block per multiprocessor keeps ptxas from trading spills for occupancy tiers.
+// Vector slot v of lane g (vector v * G + g of a row) exists.
+template <typename Cfg>
+__device__ __forceinline__ bool decode_slot(int v, int g) {
+  return !Cfg::kRagged || v < Cfg::kVecsPerLane - 1 || v * Cfg::kLanesPerKey + g < Cfg::kVecs;
+}
+
+// Block `c` of this block's cluster's copy of the shared-memory variable at p (sm_90+).
+template <typename P>
+__device__ __forceinline__ P* decode_remote(P* p, int c) {
+#if __CUDA_ARCH__ >= 900
+  return cooperative_groups::this_cluster().map_shared_rank(p, c);
+#else
+  (void)c;
+  return p;
+#endif
+}
+
+// The K and V vectors of one warp iteration (keys i = u * kGroups + grp, u < kKeysPerGroup).
 template <typename T, int D>
-__global__ void __launch_bounds__(DecodeConfig<T, D>::kMaxThreads, 1)
-    prepad_decode_kernel(const PrepadArgs a) {
+struct DecodeRegs {
+  uint4 k[DecodeConfig<T, D>::kKeysPerGroup][DecodeConfig<T, D>::kVecsPerLane];
+  uint4 v[DecodeConfig<T, D>::kKeysPerGroup][DecodeConfig<T, D>::kVecsPerLane];
+};
+
+// Issues the loads of the keys i < count (>= 1) of the rows at k_rows / v_rows (D elements apart);
+// for a fixed u the warp reads kGroups adjacent rows. The others are zero.
+template <typename T, int D>
+__device__ __forceinline__ void decode_load(const T* __restrict__ k_rows,
+                                            const T* __restrict__ v_rows, int count, bool vec,
+                                            int g, int grp, DecodeRegs<T, D>& r) {
+  using Cfg = DecodeConfig<T, D>;
+  constexpr int E = Cfg::kElems;
+  constexpr int G = Cfg::kLanesPerKey;
+#pragma unroll
+  for (int u = 0; u < Cfg::kKeysPerGroup; ++u) {
+    const int i = u * Cfg::kGroups + grp;
+    const int64_t row = static_cast<int64_t>(i) * D;
+#pragma unroll
+    for (int v = 0; v < Cfg::kVecsPerLane; ++v) {
+      if (i < count && decode_slot<Cfg>(v, g)) {
+        r.k[u][v] = load_raw16(k_rows + row + (v * G + g) * E, vec);
+        r.v[u][v] = load_raw16(v_rows + row + (v * G + g) * E, vec);
+      } else {
+        r.k[u][v] = r.v[u][v] = make_uint4(0u, 0u, 0u, 0u);  // 0.0 in fp32 and fp16
+      }
+    }
+  }
+}
+
+// Folds the loaded keys i < count into the group's online softmax state (m, l, o; log2 domain, qf
+// pre-scaled by scale * log2(e)).
+template <typename T, int D>
+__device__ __forceinline__ void decode_fold(
+    const DecodeRegs<T, D>& r, int count, int grp,
+    const float (&qf)[DecodeConfig<T, D>::kVecsPerLane][DecodeConfig<T, D>::kElems], float& m,
+    float& l, float (&o)[DecodeConfig<T, D>::kVecsPerLane][DecodeConfig<T, D>::kElems]) {
   using Cfg = DecodeConfig<T, D>;
   constexpr int E = Cfg::kElems;
   constexpr int G = Cfg::kLanesPerKey;
   constexpr int NV = Cfg::kVecsPerLane;
   constexpr int U = Cfg::kKeysPerGroup;
-  constexpr int kGroups = Cfg::kGroups;
   constexpr unsigned kFull = 0xffffffffu;
 
-  __shared__ __align__(16) float o_s[Cfg::kMaxWarps][D];  // per warp: its merged O
-  __shared__ float m_s[Cfg::kMaxWarps];                   // per warp: its running max
-  __shared__ float l_s[Cfg::kMaxWarps];                   // per warp: its softmax denominator
+  // Scores, reduced over the group's lanes.
+  float sc[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    float dot = 0.f;
+#pragma unroll
+    for (int v = 0; v < NV; ++v) {
+      float kf[E];
+      unpack16(r.k[u][v], kf, T());
+#pragma unroll
+      for (int e = 0; e < E; ++e) dot = fmaf(qf[v][e], kf[e], dot);
+    }
+#pragma unroll
+    for (int off = G / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(kFull, dot, off);
+    sc[u] = u * Cfg::kGroups + grp < count ? dot : -INFINITY;
+  }
+  // Online softmax of the group (its key u = 0 may be invalid: m can stay -inf).
+  float mx = sc[0];
+#pragma unroll
+  for (int u = 1; u < U; ++u) mx = fmaxf(mx, sc[u]);
+  const float m_new = fmaxf(m, mx);
+  const float m_use = m_new == -INFINITY ? 0.f : m_new;
+  const float rescale = exp2f(m - m_use);  // 0 while m = -inf
+  m = m_new;
+  l *= rescale;
+#pragma unroll
+  for (int v = 0; v < NV; ++v) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) o[v][e] *= rescale;
+  }
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const float p = exp2f(sc[u] - m_use);  // 0 for invalid keys
+    l += p;
+#pragma unroll
+    for (int v = 0; v < NV; ++v) {
+      float vf[E];
+      unpack16(r.v[u][v], vf, T());
+#pragma unroll
+      for (int e = 0; e < E; ++e) o[v][e] = fmaf(p, vf[e], o[v][e]);
+    }
+  }
+}
 
+// grid = (splits, num_heads, min(batch, 65535)); blocks loop over rows in steps of gridDim.z.
+// splits > 1 only on sm_90+, launched as clusters of (splits, 1, 1): the blocks of a cluster share
+// one (row, head) and each takes an even share of its keys; every block merges its warps in shared
+// memory and sends its partial softmax state (m, l, O) to the first block's shared memory
+// (distributed shared memory: no workspace), which merges them and writes the output.
+template <typename T, int D>
+__global__ void __launch_bounds__(DecodeConfig<T, D>::kMaxThreads, DecodeConfig<T, D>::kMinBlocks)
+    prepad_decode_kernel(const PrepadArgs a) {
+  using Cfg = DecodeConfig<T, D>;
+  constexpr int E = Cfg::kElems;
+  constexpr int G = Cfg::kLanesPerKey;
+  constexpr int NV = Cfg::kVecsPerLane;
+  constexpr int kVecs = Cfg::kVecs;
+  constexpr int kW = Cfg::kMaxWarps;
+  constexpr int kS = Cfg::kMaxSplits;
+  constexpr unsigned kFull = 0xffffffffu;
+
+  __shared__ __align__(16) float o_s[kW][D];  // per warp: its merged O
+  __shared__ float m_s[kW];                   // per warp: its running max
+  __shared__ float l_s[kW];                   // per warp: its softmax denominator
+  __shared__ __align__(16) float xo_s[kS][D];  // first block of a cluster: per block, its O
+  __shared__ float xm_s[kS];                   // ... its max
+  __shared__ float xl_s[kS];                   // ... its denominator
+
+#if __CUDA_ARCH__ >= 900
+  const int splits = static_cast<int>(gridDim.x);  // the cluster: one (row, head)
+  const int split = static_cast<int>(cooperative_groups::this_cluster().block_rank());
+#else
+  // No clusters before sm_90: the host launches one block per (row, head) there.
+  if (blockIdx.x != 0) return;
+  constexpr int splits = 1;
+  constexpr int split = 0;
+#endif
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int warps = blockDim.x >> 5;
-  const int g = lane & (G - 1);  // lane within the key group: vectors g, g + G, ... of a row
+  const int g = lane & (G - 1);  // lane within the key group
   const int grp = lane / G;      // key group within the warp
-  const int h = blockIdx.x;
-  const bool vec = a.attention_vec != 0;
+  const int h = blockIdx.y;
+  const bool vec = a.attention_vec != 0;   // q, out and the caches allow 16-byte accesses
+  const bool new_vec = a.append_vec != 0;  // k, v and the caches allow 16-byte accesses
   const int64_t s = __ldg(a.step);
   // The new token's position; keys [pad, n_end). n_end = 0 (no key) if the position is out of range.
-  const int n_end = (s >= 0 && s < a.max_len) ? static_cast<int>(s) + 1 : 0;
-  const int warp_stride = warps * Cfg::kKeysPerWarp;
+  const bool in_range = s >= 0 && s < a.max_len;
+  const int n_end = in_range ? static_cast<int>(s) + 1 : 0;
+  const int parts = splits * warps;  // contiguous key ranges per (row, head): one per warp
+  const int part = split * warps + warp;
+#if __CUDA_ARCH__ >= 900
+  // Another block's shared memory may be written only once that block runs: every block of the
+  // cluster has started after this barrier.
+  if (splits > 1) cooperative_groups::this_cluster().sync();
+#endif
 
-  for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
+  for (int64_t b = blockIdx.z; b < a.batch; b += gridDim.z) {
+    // The new key and value (position s) come from k and v: this launch also appends them.
+    const T* k_new = static_cast<const T*>(a.k) + b * a.k_stride + static_cast<int64_t>(h) * D;
+    const T* v_new = static_cast<const T*>(a.v) + b * a.v_stride + static_cast<int64_t>(h) * D;
+    const T* k_head = cache_head<T, D>(a.k_cache, b, h, a.num_heads, a.max_len);
+    const T* v_head = cache_head<T, D>(a.v_cache, b, h, a.num_heads, a.max_len);
+    if (split == 0 && in_range) {  // the append, for every row (padded ones too)
+      T* kc = cache_head<T, D>(a.k_cache, b, h, a.num_heads, a.max_len) + s * D;
+      T* vc = cache_head<T, D>(a.v_cache, b, h, a.num_heads, a.max_len) + s * D;
+      if (new_vec) {
+        if (threadIdx.x < kVecs) {
+          reinterpret_cast<uint4*>(kc)[threadIdx.x] = __ldg(reinterpret_cast<const uint4*>(k_new) +
+                                                            threadIdx.x);
+          reinterpret_cast<uint4*>(vc)[threadIdx.x] = __ldg(reinterpret_cast<const uint4*>(v_new) +
+                                                            threadIdx.x);
+        }
+      } else {
+        for (int e = threadIdx.x; e < D; e += blockDim.x) {
+          kc[e] = k_new[e];
+          vc[e] = v_new[e];
+        }
+      }
+    }
+
+    // This warp's keys [lo, hi): part `part` of `parts` even shares of [pad, n_end). Keys before
+    // the pad are never read; key s is read from k / v (by the last part), the others (< s) from
+    // the caches, which this launch does not write there: no ordering between blocks is needed.
     const int n_start = max(__ldg(a.pad_lengths + b), 0);
+    const int64_t len = n_end > n_start ? n_end - n_start : 0;
+    const int lo = n_start + static_cast<int>(len * part / parts);
+    const int hi = n_start + static_cast<int>(len * (part + 1) / parts);
 
     float o[NV][E];
     float m = -INFINITY;  // the group's running max (identical in its lanes)
@@ -429,79 +677,40 @@ __global__ void __launch_bounds__(DecodeConfig<T, D>::kMaxThreads, 1)
       for (int e = 0; e < E; ++e) o[v][e] = 0.f;
     }
 
-    if (n_start < n_end) {  // block-uniform; else the row is padding at this position: zeros
-      // This lane's slices of q, pre-multiplied by scale * log2(e).
-      float qf[NV][E];
+    if (lo < hi) {  // warp-uniform; all trip counts below are too (every lane shuffles)
+      const int cache_hi = min(hi, n_end - 1);  // keys [lo, cache_hi) from the caches
+      const bool owns_s = hi == n_end;          // the last part: key s, from k and v
+      // One round trip for q, key s and the first cache keys: all their loads go out first.
       const T* q = static_cast<const T*>(a.q) + b * a.q_stride + static_cast<int64_t>(h) * D;
+      uint4 qr[NV];
 #pragma unroll
       for (int v = 0; v < NV; ++v) {
-        unpack16(load_raw16(q + (v * G + g) * E, vec), qf[v], T());
+        qr[v] = decode_slot<Cfg>(v, g) ? load_raw16(q + (v * G + g) * E, vec)
+                                       : make_uint4(0u, 0u, 0u, 0u);
+      }
+      DecodeRegs<T, D> fresh;
+      if (owns_s) decode_load<T, D>(k_new, v_new, 1, new_vec, g, grp, fresh);
+      DecodeRegs<T, D> r;
+      if (lo < cache_hi) {
+        decode_load<T, D>(k_head + static_cast<int64_t>(lo) * D,
+                          v_head + static_cast<int64_t>(lo) * D, cache_hi - lo, vec, g, grp, r);
+      }
+      // This lane's slices of q, pre-multiplied by scale * log2(e) (zero in empty slots).
+      float qf[NV][E];
+#pragma unroll
+      for (int v = 0; v < NV; ++v) {
+        unpack16(qr[v], qf[v], T());
 #pragma unroll
         for (int e = 0; e < E; ++e) qf[v][e] *= a.scale_log2;
       }
-      const T* k_head = cache_head<T, D>(a.k_cache, b, h, a.num_heads, a.max_len);
-      const T* v_head = cache_head<T, D>(a.v_cache, b, h, a.num_heads, a.max_len);
-
-      // Warp-uniform trip count: every lane takes part in the shuffles.
-      for (int base = n_start + warp * Cfg::kKeysPerWarp; base < n_end; base += warp_stride) {
-        // Keys base + u * kGroups + grp: for a fixed u the warp reads kGroups adjacent rows.
-        uint4 kr[U][NV];
-        uint4 vr[U][NV];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int j = base + u * kGroups + grp;
-          const int64_t row = static_cast<int64_t>(j) * D;
-#pragma unroll
-          for (int v = 0; v < NV; ++v) {
-            if (j < n_end) {
-              kr[u][v] = load_raw16(k_head + row + (v * G + g) * E, vec);
-              vr[u][v] = load_raw16(v_head + row + (v * G + g) * E, vec);
-            } else {
-              kr[u][v] = vr[u][v] = make_uint4(0u, 0u, 0u, 0u);  // 0.0 in fp32 and fp16
-            }
-          }
-        }
-        // Scores (log2 domain), reduced over the group's lanes.
-        float sc[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          float dot = 0.f;
-#pragma unroll
-          for (int v = 0; v < NV; ++v) {
-            float kf[E];
-            unpack16(kr[u][v], kf, T());
-#pragma unroll
-            for (int e = 0; e < E; ++e) dot = fmaf(qf[v][e], kf[e], dot);
-          }
-#pragma unroll
-          for (int off = G / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(kFull, dot, off);
-          sc[u] = base + u * kGroups + grp < n_end ? dot : -INFINITY;
-        }
-        // Online softmax of the group (key u = 0 of a group may be past n_end: m can stay -inf).
-        float mx = sc[0];
-#pragma unroll
-        for (int u = 1; u < U; ++u) mx = fmaxf(mx, sc[u]);
-        const float m_new = fmaxf(m, mx);
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;
-        const float rescale = exp2f(m - m_use);  // 0 while m = -inf
-        m = m_new;
-        l *= rescale;
-#pragma unroll
-        for (int v = 0; v < NV; ++v) {
-#pragma unroll
-          for (int e = 0; e < E; ++e) o[v][e] *= rescale;
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const float p = exp2f(sc[u] - m_use);  // 0 for keys past n_end
-          l += p;
-#pragma unroll
-          for (int v = 0; v < NV; ++v) {
-            float vf[E];
-            unpack16(vr[u][v], vf, T());
-#pragma unroll
-            for (int e = 0; e < E; ++e) o[v][e] = fmaf(p, vf[e], o[v][e]);
-          }
+      if (owns_s) decode_fold<T, D>(fresh, 1, grp, qf, m, l, o);
+      for (int base = lo; base < cache_hi;) {
+        decode_fold<T, D>(r, cache_hi - base, grp, qf, m, l, o);
+        base += Cfg::kKeysPerWarp;
+        if (base < cache_hi) {
+          decode_load<T, D>(k_head + static_cast<int64_t>(base) * D,
+                            v_head + static_cast<int64_t>(base) * D, cache_hi - base, vec, g, grp,
+                            r);
         }
       }
     }
@@ -527,12 +736,14 @@ __global__ void __launch_bounds__(DecodeConfig<T, D>::kMaxThreads, 1)
       }
     }
 
-    __syncthreads();  // the previous row of this block is done with o_s, m_s, l_s
+    // The previous row is done with o_s, m_s, l_s (the barrier that ends each row).
     if (grp == 0) {
 #pragma unroll
       for (int v = 0; v < NV; ++v) {
+        if (decode_slot<Cfg>(v, g)) {
 #pragma unroll
-        for (int e = 0; e < E; ++e) o_s[warp][(v * G + g) * E + e] = o[v][e];
+          for (int e = 0; e < E; ++e) o_s[warp][(v * G + g) * E + e] = o[v][e];
+        }
       }
       if (lane == 0) {
         m_s[warp] = m_w;
@@ -541,25 +752,84 @@ __global__ void __launch_bounds__(DecodeConfig<T, D>::kMaxThreads, 1)
     }
     __syncthreads();
 
-    // Merge the warps: thread t writes elements 4t .. 4t + 3.
-    if (threadIdx.x < D / 4) {
-      float mx = -INFINITY;
-      for (int w = 0; w < warps; ++w) mx = fmaxf(mx, m_s[w]);
-      float den = 0.f;
-      float acc[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int w = 0; w < warps; ++w) {
-        const float fw = m_s[w] == -INFINITY ? 0.f : exp2f(m_s[w] - mx);
-        den = fmaf(fw, l_s[w], den);
-        const float4 x = *reinterpret_cast<const float4*>(&o_s[w][4 * threadIdx.x]);
-        acc[0] = fmaf(fw, x.x, acc[0]);
-        acc[1] = fmaf(fw, x.y, acc[1]);
-        acc[2] = fmaf(fw, x.z, acc[2]);
-        acc[3] = fmaf(fw, x.w, acc[3]);
+    // Merge the block's warps: thread t < D / 4 owns elements 4t .. 4t + 3 (all its loads are
+    // independent: the loops are unrolled over kMaxWarps / kMaxSplits).
+    const int t = threadIdx.x;
+    float mb = -INFINITY;
+    float den = 0.f;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    if (t < D / 4) {
+#pragma unroll
+      for (int w = 0; w < kW; ++w) {
+        if (w < warps) mb = fmaxf(mb, m_s[w]);
       }
+#pragma unroll
+      for (int w = 0; w < kW; ++w) {
+        if (w < warps) {
+          const float fw = m_s[w] == -INFINITY ? 0.f : exp2f(m_s[w] - mb);
+          den = fmaf(fw, l_s[w], den);
+          const float4 x = *reinterpret_cast<const float4*>(&o_s[w][4 * t]);
+          acc[0] = fmaf(fw, x.x, acc[0]);
+          acc[1] = fmaf(fw, x.y, acc[1]);
+          acc[2] = fmaf(fw, x.z, acc[2]);
+          acc[3] = fmaf(fw, x.w, acc[3]);
+        }
+      }
+    }
+    const bool last_row = b + gridDim.z >= a.batch;
+    if (splits > 1) {
+      // Send the block's state to the first block, then merge the blocks there.
+      if (t < D / 4) {
+        *reinterpret_cast<float4*>(decode_remote(&xo_s[split][4 * t], 0)) =
+            make_float4(acc[0], acc[1], acc[2], acc[3]);
+        if (t == 0) {
+          *decode_remote(&xm_s[split], 0) = mb;
+          *decode_remote(&xl_s[split], 0) = den;
+        }
+      }
+#if __CUDA_ARCH__ >= 900
+      cooperative_groups::this_cluster().sync();  // the states are in the first block
+#endif
+      if (split == 0 && t < D / 4) {
+        mb = -INFINITY;
+#pragma unroll
+        for (int c = 0; c < kS; ++c) {
+          if (c < splits) mb = fmaxf(mb, xm_s[c]);
+        }
+        den = 0.f;
+        acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+#pragma unroll
+        for (int c = 0; c < kS; ++c) {
+          if (c < splits) {
+            const float fc = xm_s[c] == -INFINITY ? 0.f : exp2f(xm_s[c] - mb);
+            den = fmaf(fc, xl_s[c], den);
+            const float4 x = *reinterpret_cast<const float4*>(&xo_s[c][4 * t]);
+            acc[0] = fmaf(fc, x.x, acc[0]);
+            acc[1] = fmaf(fc, x.y, acc[1]);
+            acc[2] = fmaf(fc, x.z, acc[2]);
+            acc[3] = fmaf(fc, x.w, acc[3]);
+          }
+        }
+      }
+    }
+    if (split == 0 && t < D / 4) {
       const float inv = den > 0.f ? 1.f / den : 0.f;  // den >= 1 when the row has a key
-      T* dst = static_cast<T*>(a.out) + b * a.o_stride + static_cast<int64_t>(h) * D +
-               4 * threadIdx.x;
+      T* dst = static_cast<T*>(a.out) + b * a.o_stride + static_cast<int64_t>(h) * D + 4 * t;
       store4(dst, acc[0] * inv, acc[1] * inv, acc[2] * inv, acc[3] * inv, vec);
+    }
+    // Before the next row: the block's warps are done with o_s, m_s, l_s, and the first block with
+    // xo_s, xm_s, xl_s. After the last row the other blocks may leave: nothing reads their shared
+    // memory, and their stores into the first block's are complete (the cluster barrier).
+    if (!last_row) {
+#if __CUDA_ARCH__ >= 900
+      if (splits > 1) {
+        cooperative_groups::this_cluster().sync();
+      } else {
+        __syncthreads();
+      }
+#else
+      __syncthreads();
+#endif
     }
   }
 }
@@ -595,38 +865,91 @@ cudaError_t multiprocessor_count(int* count) {
   return cudaSuccess;
 }
 
-template <typename T, int D>
+template <int D, int BlockM, int WarpRows>
+cudaError_t launch_context_mma(const EetPrepadAttentionParams& p, const PrepadArgs& a,
+                               cudaStream_t stream) {
+  using Cfg = MmaTile<D, BlockM, WarpRows>;
+  const auto kernel = prepad_context_mma_kernel<D, BlockM, WarpRows>;
+  static std::atomic<uint64_t> configured_devices{0};
+  cudaError_t err = allow_dynamic_smem(kernel, Cfg::kSmemBytes, D, configured_devices);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>((p.seq + BlockM - 1) / BlockM),
+                  static_cast<unsigned>(p.num_heads),
+                  static_cast<unsigned>(p.batch < 65535 ? p.batch : 65535));
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(a);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return fail(err, launch_failure("context kernel", p.dtype, D, err));
+  return cudaSuccess;
+}
+
+// fp16 (kTensorCores): prepad_context_mma_kernel, 128 query rows per block (32 per warp) for
+// head_dim >= 80 or prompts of 1024 tokens or more, else 64 (16 per warp); fp32: prepad_context_kernel.
+template <typename T, int D, bool kTensorCores>
 cudaError_t launch_context(const EetPrepadAttentionParams& p, const PrepadArgs& a,
                            cudaStream_t stream) {
+  if constexpr (kTensorCores) {
+    static_assert(sizeof(T) == 2, "the tensor-core kernels are fp16");
+    int tile = mma_tile_override();  // the varlen kernel's choice (varlen_attention.cu)
+    if (tile == 0) tile = (D >= 80 || p.seq >= 1024) ? 3 : 1;
+    return tile == 3 ? launch_context_mma<D, 128, 32>(p, a, stream)
+                     : launch_context_mma<D, 64, 16>(p, a, stream);
+  }
   using Tile = AttentionTile<D>;
   constexpr size_t kSmem = Tile::kSmemBytes;
   const auto kernel = prepad_context_kernel<T, D>;
-
-  if (kSmem > 48 * 1024) {
-    // Opt in to more than 48 KB of dynamic shared memory, once per device.
-    static std::atomic<uint64_t> configured_devices{0};
-    int device = 0;
-    cudaError_t err = cudaGetDevice(&device);
-    if (err != cudaSuccess) return fail(err, "cudaGetDevice failed: " + cuda_error_text(err));
-    const uint64_t bit = (device >= 0 && device < 64) ? (uint64_t{1} << device) : 0;
-    if (bit == 0 || (configured_devices.load(std::memory_order_relaxed) & bit) == 0) {
-      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(kSmem));
-      if (err != cudaSuccess) {
-        return fail(err, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize, " +
-                             std::to_string(kSmem) + ") failed for head_dim " +
-                             std::to_string(D) + ": " + cuda_error_text(err));
-      }
-      configured_devices.fetch_or(bit, std::memory_order_relaxed);
-    }
-  }
+  static std::atomic<uint64_t> configured_devices{0};
+  cudaError_t err = allow_dynamic_smem(kernel, kSmem, D, configured_devices);
+  if (err != cudaSuccess) return err;
 
   const dim3 grid(static_cast<unsigned>((p.seq + Tile::kBlockM - 1) / Tile::kBlockM),
                   static_cast<unsigned>(p.num_heads),
                   static_cast<unsigned>(p.batch < 65535 ? p.batch : 65535));
   kernel<<<grid, Tile::kThreads, kSmem, stream>>>(a);
-  const cudaError_t err = cudaGetLastError();
+  err = cudaGetLastError();
   if (err != cudaSuccess) return fail(err, launch_failure("context kernel", p.dtype, D, err));
+  return cudaSuccess;
+}
+
+// For the decode kernel <T, D> on `device` (queried once per device): resident blocks of kSplitWarps
+// warps per multiprocessor, and whether it may be launched in clusters (a device of compute
+// capability 9.0+ running code compiled for sm_90+, which holds the kernel's cluster merge).
+template <typename T, int D>
+cudaError_t decode_device_info(int device, int32_t dtype, int* blocks_per_sm, bool* clusters) {
+  static std::atomic<int> cache[64];  // 0: not queried yet; else 1 + 2 * blocks_per_sm + clusters
+  const bool cached = device >= 0 && device < 64;
+  if (cached) {
+    const int c = cache[device].load(std::memory_order_relaxed);
+    if (c > 0) {
+      *blocks_per_sm = (c - 1) >> 1;
+      *clusters = ((c - 1) & 1) != 0;
+      return cudaSuccess;
+    }
+  }
+  const auto kernel = prepad_decode_kernel<T, D>;
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
+  if (err != cudaSuccess) {
+    return fail(err, launch_failure("decode kernel (cudaFuncGetAttributes)", dtype, D,
+                                    err));
+  }
+  int major = 0;
+  err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) {
+    return fail(err, "cudaDeviceGetAttribute(ComputeCapabilityMajor) failed: " +
+                         cuda_error_text(err));
+  }
+  int n = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel,
+                                                      32 * DecodeConfig<T, D>::kSplitWarps, 0);
+  if (err != cudaSuccess) {
+    return fail(err, "cudaOccupancyMaxActiveBlocksPerMultiprocessor failed for the decode kernel: " +
+                         cuda_error_text(err));
+  }
+  *blocks_per_sm = n > 1 ? n : 1;
+  *clusters = major >= 9 && attr.ptxVersion >= 90 && attr.binaryVersion >= 90;
+  if (cached) {
+    cache[device].store(1 + 2 * *blocks_per_sm + (*clusters ? 1 : 0), std::memory_order_relaxed);
+  }
   return cudaSuccess;
 }
 
@@ -634,26 +957,79 @@ template <typename T, int D>
 cudaError_t launch_decode(const EetPrepadAttentionParams& p, const PrepadArgs& a,
                           cudaStream_t stream) {
   using Cfg = DecodeConfig<T, D>;
+  const auto kernel = prepad_decode_kernel<T, D>;
   int sms = 0;
   cudaError_t err = multiprocessor_count(&sms);
   if (err != cudaSuccess) return err;
-  // 4 warps per (row, head) when there are enough blocks to fill the GPU, else 8; never more warps
-  // than max_len keys need.
-  const int64_t blocks = static_cast<int64_t>(p.batch) * p.num_heads;
-  int warps = blocks >= 2 * static_cast<int64_t>(sms) ? 4 : Cfg::kMaxWarps;
-  const int64_t useful =
-      (static_cast<int64_t>(p.max_len) + Cfg::kKeysPerWarp - 1) / Cfg::kKeysPerWarp;  // >= 1
+  int device = 0;
+  err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return fail(err, "cudaGetDevice failed: " + cuda_error_text(err));
+  int blocks_per_sm = 1;
+  bool clusters = false;
+  err = decode_device_info<T, D>(device, p.dtype, &blocks_per_sm, &clusters);
+  if (err != cudaSuccess) return err;
+
+  // Split each (row, head)'s keys over `splits` blocks (a cluster, sm_90+) while the grid fills less
+  // than EET_DECODE_SPLIT_FILL percent of the resident blocks of kSplitWarps warps and a full cache
+  // still gives every block at least EET_DECODE_MIN_SPLIT_KEYS keys. A row's valid range
+  // [pad, step] is known on the device only (each block takes an even share of it there); max_len
+  // bounds it. (H100 / H200, fp16, head_dim 64, 12 heads: 32 rows at 1024 or 4096 cached tokens
+  // take 2 splits, 128 rows at 512 take none; more splits measured slower there.)
+  const int64_t pairs = static_cast<int64_t>(p.batch) * p.num_heads;
+  const int64_t slots = static_cast<int64_t>(sms) * blocks_per_sm;
+  int splits = 1;
+  while (clusters && splits < Cfg::kMaxSplits &&
+         100 * pairs * splits < static_cast<int64_t>(EET_DECODE_SPLIT_FILL) * slots &&
+         p.max_len / (2 * splits) >= EET_DECODE_MIN_SPLIT_KEYS) {
+    splits *= 2;
+  }
+#ifdef EET_DECODE_TUNING  // benchmarking builds only: EET_DECODE_SPLITS=n forces n splits
+  if (const char* env = getenv("EET_DECODE_SPLITS")) {
+    const int forced = atoi(env);
+    if (forced >= 1 && forced <= Cfg::kMaxSplits && (clusters || forced == 1)) splits = forced;
+  }
+#endif
+  // kSplitWarps warps per block for split launches and grids that fill the GPU, else kMaxWarps;
+  // never more warps than the keys of a full cache need.
+  int warps = (splits > 1 || pairs >= 2 * static_cast<int64_t>(sms)) ? Cfg::kSplitWarps
+                                                                       : Cfg::kMaxWarps;
+#ifdef EET_DECODE_TUNING  // benchmarking builds only: EET_DECODE_WARPS=n forces n warps per block
+  if (const char* env = getenv("EET_DECODE_WARPS")) {
+    const int forced = atoi(env);
+    if (forced >= 1 && forced <= Cfg::kMaxWarps) warps = forced;
+  }
+#endif
+  const int64_t block_keys = (static_cast<int64_t>(p.max_len) + splits - 1) / splits;
+  const int64_t useful = (block_keys + Cfg::kKeysPerWarp - 1) / Cfg::kKeysPerWarp;  // >= 1
   if (useful < warps) warps = static_cast<int>(useful);
 
-  const dim3 grid(static_cast<unsigned>(p.num_heads),
+  const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(p.num_heads),
                   static_cast<unsigned>(p.batch < 65535 ? p.batch : 65535));
-  prepad_decode_kernel<T, D><<<grid, 32 * warps, 0, stream>>>(a);
-  err = cudaGetLastError();
+  if (splits == 1) {
+    kernel<<<grid, 32 * warps, 0, stream>>>(a);
+    err = cudaGetLastError();
+  } else {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = dim3(static_cast<unsigned>(32 * warps), 1, 1);
+    config.dynamicSmemBytes = 0;
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = static_cast<unsigned>(splits);
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    err = cudaLaunchKernelEx(&config, kernel, a);
+    const cudaError_t last = cudaGetLastError();
+    if (err == cudaSuccess) err = last;
+  }
   if (err != cudaSuccess) return fail(err, launch_failure("decode kernel", p.dtype, D, err));
   return cudaSuccess;
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kTensorCores>
 cudaError_t launch_prepad(const EetPrepadAttentionParams& p, cudaStream_t stream) {
   PrepadArgs a;
   a.q = p.q;
@@ -683,6 +1059,9 @@ cudaError_t launch_prepad(const EetPrepadAttentionParams& p, cudaStream_t stream
   a.attention_vec = caches && aligned16(p.q) && aligned16(p.out) &&
                     p.q_row_stride % kVecElems == 0 && p.out_row_stride % kVecElems == 0;
 
+  // Decode: one kernel appends the new key and value and attends (reading them from k and v).
+  if (p.seq == 1) return launch_decode<T, D>(p, a, stream);
+
   // 1. Append the new keys and values.
   const dim3 append_grid(static_cast<unsigned>(p.seq),
                          static_cast<unsigned>(p.batch < 65535 ? p.batch : 65535));
@@ -691,7 +1070,7 @@ cudaError_t launch_prepad(const EetPrepadAttentionParams& p, cudaStream_t stream
   if (err != cudaSuccess) return fail(err, launch_failure("append kernel", p.dtype, D, err));
 
   // 2. Attention over the caches (stream order puts it after the append).
-  return p.seq == 1 ? launch_decode<T, D>(p, a, stream) : launch_context<T, D>(p, a, stream);
+  return launch_context<T, D, kTensorCores>(p, a, stream);
 }
 
 // a * b * ... fits int64_t (all factors >= 0).
@@ -798,7 +1177,8 @@ extern "C" cudaError_t eet_prepad_attention(const EetPrepadAttentionParams* para
     err = cudaErrorInvalidValue;  // unreachable: validate() checked the pair against the same table
     eet::PrepadTable::dispatch(p.dtype, p.head_dim, [&](auto instance) {
       using Instance = decltype(instance);
-      err = eet::launch_prepad<typename Instance::Element, Instance::kHeadDim>(p, stream);
+      err = eet::launch_prepad<typename Instance::Element, Instance::kHeadDim,
+                               Instance::kTensorCores>(p, stream);
     });
     return err;
   } catch (...) {  // std::string allocation failed: no exception may cross the C ABI

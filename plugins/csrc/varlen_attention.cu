@@ -1,7 +1,16 @@
 // Padding-free (variable-length) bidirectional attention: the eet_varlen_attention C ABI of
-// eet_attention.h.
+// eet_attention.h. Two kernel families, chosen per dtype by dispatch.h (DtypeX::kTensorCores):
 //
-// Kernel design (CUDA cores, fp32 math; a tensor-core version is a separate piece of work):
+// fp16: varlen_mma_kernel, tensor cores (mma.sync m16n8k16, fp32 accumulation; mma_attention.cuh).
+//   grid  = (ceil(min(max_seqlen, total_tokens) / kBlockM), num_heads, min(batch, 65535)); kBlockM =
+//           64 query rows, 16 per warp (4 warps), or 128, 32 per warp (4 warps; head_dim >= 80 and long
+//           sequences), see launch_varlen_mma. Block (x, y, z) owns query rows [x kBlockM,
+//           (x + 1) kBlockM) of head y of sequence b(z) against all keys of that sequence; blocks
+//           whose tile starts past the sequence's end return at once. With batch <= kSortMax, b(z) is the z-th longest sequence,
+//           so the blocks of long sequences (the most work per block) are dispatched first; otherwise
+//           b(z) = z and blocks loop over batch in steps of gridDim.z.
+//
+// fp32: varlen_attention_kernel (CUDA cores, fp32 math), described below.
 //   grid  = (ceil(min(max_seqlen, total_tokens) / kBlockM), num_heads, min(batch, 65535)); a block
 //           loops over batch in steps of gridDim.z, so any batch size works.
 //   block = 128 threads = 32 "quads" of 4 adjacent lanes. A block owns kBlockM = 64 query rows of one
@@ -35,6 +44,7 @@
 
 #include "common.cuh"
 #include "tile.cuh"
+#include "mma_attention.cuh"
 #include "dispatch.h"
 #include "eet_attention.h"
 #include "errors.h"
@@ -243,33 +253,144 @@ __global__ void __launch_bounds__(AttentionTile<D>::kThreads)
   }
 }
 
+// ------------------------------------------------------------------------------------------------
+// fp16: tensor-core kernel
+
+constexpr int kSortMax = 64;  // longest-first block order for batches up to this size
+
+template <int D, int BlockM, int WarpRows>
+__global__ void __launch_bounds__(MmaTile<D, BlockM, WarpRows>::kThreads)
+    varlen_mma_kernel(const VarlenArgs args) {
+  using Cfg = MmaTile<D, BlockM, WarpRows>;
+  static_assert(Cfg::kThreads >= kSortMax, "one thread per sequence when sorting");
+  extern __shared__ uint4 smem_u4[];
+  __half* const smem = reinterpret_cast<__half*>(smem_u4);
+
+  const int m0 = blockIdx.x * BlockM;
+  const int64_t head_off = static_cast<int64_t>(blockIdx.y) * D;
+  const bool vec = args.vectorized != 0;
+  const int total = args.total_tokens;
+  const auto bounds = [&](int b, int* start, int* end) {
+    // Clamp so that even inconsistent cu_seqlens never take us outside [0, total_tokens).
+    int s0 = __ldg(args.cu_seqlens + b);
+    int s1 = __ldg(args.cu_seqlens + b + 1);
+    s0 = min(max(s0, 0), total);
+    *start = s0;
+    *end = min(max(s1, s0), total);
+  };
+
+  int b_first = blockIdx.z;
+  int b_step = gridDim.z;
+  if (args.batch <= kSortMax) {  // gridDim.z == batch: b(z) = the z-th longest sequence
+    __shared__ int s_len[kSortMax];
+    __shared__ int s_b;
+    const int i = threadIdx.x;
+    if (i < args.batch) {
+      int s0, s1;
+      bounds(i, &s0, &s1);
+      s_len[i] = s1 - s0;
+    }
+    __syncthreads();
+    if (i < args.batch) {
+      const int li = s_len[i];
+      int rank = 0;
+      for (int j = 0; j < args.batch; ++j) {
+        const int lj = s_len[j];
+        rank += (lj > li || (lj == li && j < i)) ? 1 : 0;
+      }
+      if (rank == static_cast<int>(blockIdx.z)) s_b = i;  // ranks are a permutation
+    }
+    __syncthreads();
+    b_first = s_b;
+    b_step = args.batch;  // one sequence per block
+  }
+
+  for (int b = b_first; b < args.batch; b += b_step) {
+    int start, end;
+    bounds(b, &start, &end);
+    const int len = end - start;
+    if (m0 >= len) continue;  // block-uniform: no query row of this tile exists
+    const int valid_m = min(BlockM, len - m0);
+    __syncthreads();  // a previous sequence of this block is done with shared memory
+    const __half* q = static_cast<const __half*>(args.q) +
+                      static_cast<int64_t>(start + m0) * args.q_stride + head_off;
+    const __half* k = static_cast<const __half*>(args.k) +
+                      static_cast<int64_t>(start) * args.k_stride + head_off;
+    const __half* v = static_cast<const __half*>(args.v) +
+                      static_cast<int64_t>(start) * args.v_stride + head_off;
+    __half* out = static_cast<__half*>(args.out) +
+                  static_cast<int64_t>(start + m0) * args.o_stride + head_off;
+    mma_attention_block<Cfg, D, false>(q, args.q_stride, valid_m, k, args.k_stride, v,
+                                          args.v_stride, 0, len, 0, args.scale_log2, vec, out,
+                                          args.o_stride, 0, valid_m, smem);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side
+
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+cudaError_t launch_failed(const EetVarlenAttentionParams& p, int head_dim, cudaError_t err) {
+  return fail(err, "kernel launch failed (dtype " + varlen_dtype_name(p.dtype) + ", head_dim " +
+                       std::to_string(head_dim) + "): " + cuda_error_text(err) +
+                       "; this library holds code for CUDA architectures " +
+                       EET_CUDA_ARCHITECTURES_STR);
+}
+
+template <int D, int BlockM, int WarpRows>
+cudaError_t launch_varlen_mma_tile(const EetVarlenAttentionParams& p, const VarlenArgs& a,
+                                   cudaStream_t stream) {
+  using Cfg = MmaTile<D, BlockM, WarpRows>;
+  const auto kernel = varlen_mma_kernel<D, BlockM, WarpRows>;
+  static std::atomic<uint64_t> configured_devices{0};
+  cudaError_t err = allow_dynamic_smem(kernel, Cfg::kSmemBytes, D, configured_devices);
+  if (err != cudaSuccess) return err;
+  // No sequence is longer than total_tokens, so the grid need not cover more query rows than that.
+  const int64_t rows = p.max_seqlen < p.total_tokens ? p.max_seqlen : p.total_tokens;
+  const dim3 grid(static_cast<unsigned>((rows + BlockM - 1) / BlockM),
+                  static_cast<unsigned>(p.num_heads),
+                  static_cast<unsigned>(p.batch < 65535 ? p.batch : 65535));
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(a);
+  err = cudaGetLastError();
+  return err == cudaSuccess ? err : launch_failed(p, D, err);
+}
+
+template <int D>
+cudaError_t launch_varlen_mma(const EetVarlenAttentionParams& p, const VarlenArgs& a,
+                              cudaStream_t stream) {
+  // 128 query rows per block, 32 per warp (each K/V fragment feeds two m16 tiles, half the L2
+  // traffic per query) for head_dim >= 80 and for long sequences; else 64 rows, 16 per warp (less
+  // work lost to partial tiles of short sequences, more blocks per multiprocessor). Measured on
+  // H100/H200, see mma_attention.cuh.
+  int tile = mma_tile_override();
+  if (tile == 0) tile = (D >= 80 || p.max_seqlen >= 1024) ? 3 : 1;
+  return tile == 3 ? launch_varlen_mma_tile<D, 128, 32>(p, a, stream)
+                   : launch_varlen_mma_tile<D, 64, 16>(p, a, stream);
+}
+
 template <typename T, int D>
-cudaError_t launch_varlen(const EetVarlenAttentionParams& p, cudaStream_t stream) {
+cudaError_t launch_varlen_cuda_cores(const EetVarlenAttentionParams& p, const VarlenArgs& a,
+                                     cudaStream_t stream) {
   using Tile = AttentionTile<D>;
   constexpr size_t kSmem = Tile::kSmemBytes;
   const auto kernel = varlen_attention_kernel<T, D>;
+  static std::atomic<uint64_t> configured_devices{0};
+  cudaError_t err = allow_dynamic_smem(kernel, kSmem, D, configured_devices);
+  if (err != cudaSuccess) return err;
 
-  if (kSmem > 48 * 1024) {
-    // Opt in to more than 48 KB of dynamic shared memory, once per device.
-    static std::atomic<uint64_t> configured_devices{0};
-    int device = 0;
-    cudaError_t err = cudaGetDevice(&device);
-    if (err != cudaSuccess) return fail(err, "cudaGetDevice failed: " + cuda_error_text(err));
-    const uint64_t bit = (device >= 0 && device < 64) ? (uint64_t{1} << device) : 0;
-    if (bit == 0 || (configured_devices.load(std::memory_order_relaxed) & bit) == 0) {
-      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(kSmem));
-      if (err != cudaSuccess) {
-        return fail(err, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize, " +
-                             std::to_string(kSmem) + ") failed for head_dim " +
-                             std::to_string(D) + ": " + cuda_error_text(err));
-      }
-      configured_devices.fetch_or(bit, std::memory_order_relaxed);
-    }
-  }
+  // No sequence is longer than total_tokens, so the grid need not cover more query rows than that.
+  const int64_t rows = p.max_seqlen < p.total_tokens ? p.max_seqlen : p.total_tokens;
+  const dim3 grid(static_cast<unsigned>((rows + Tile::kBlockM - 1) / Tile::kBlockM),
+                  static_cast<unsigned>(p.num_heads),
+                  static_cast<unsigned>(p.batch < 65535 ? p.batch : 65535));
+  kernel<<<grid, Tile::kThreads, kSmem, stream>>>(a);
+  err = cudaGetLastError();
+  return err == cudaSuccess ? err : launch_failed(p, D, err);
+}
 
+template <typename T, int D, bool kTensorCores>
+cudaError_t launch_varlen(const EetVarlenAttentionParams& p, cudaStream_t stream) {
   VarlenArgs a;
   a.q = p.q;
   a.k = p.k;
@@ -287,21 +408,12 @@ cudaError_t launch_varlen(const EetVarlenAttentionParams& p, cudaStream_t stream
   a.vectorized = aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && aligned16(p.out) &&
                  p.q_row_stride % kVecElems == 0 && p.k_row_stride % kVecElems == 0 &&
                  p.v_row_stride % kVecElems == 0 && p.out_row_stride % kVecElems == 0;
-
-  // No sequence is longer than total_tokens, so the grid need not cover more query rows than that.
-  const int64_t rows = p.max_seqlen < p.total_tokens ? p.max_seqlen : p.total_tokens;
-  const dim3 grid(static_cast<unsigned>((rows + Tile::kBlockM - 1) / Tile::kBlockM),
-                  static_cast<unsigned>(p.num_heads),
-                  static_cast<unsigned>(p.batch < 65535 ? p.batch : 65535));
-  kernel<<<grid, Tile::kThreads, kSmem, stream>>>(a);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    return fail(err, "kernel launch failed (dtype " + varlen_dtype_name(p.dtype) + ", head_dim " +
-                         std::to_string(D) + "): " + cuda_error_text(err) +
-                         "; this library holds code for CUDA architectures " +
-                         EET_CUDA_ARCHITECTURES_STR);
+  if constexpr (kTensorCores) {
+    static_assert(sizeof(T) == 2, "the tensor-core kernels are fp16");
+    return launch_varlen_mma<D>(p, a, stream);
+  } else {
+    return launch_varlen_cuda_cores<T, D>(p, a, stream);
   }
-  return cudaSuccess;
 }
 
 // Checks everything without touching the CUDA runtime, so that it is safe without a GPU.
@@ -387,7 +499,8 @@ extern "C" cudaError_t eet_varlen_attention(const EetVarlenAttentionParams* para
     err = cudaErrorInvalidValue;  // unreachable: validate() checked the pair against the same table
     eet::dispatch_varlen(p.dtype, p.head_dim, [&](auto instance) {
       using Instance = decltype(instance);
-      err = eet::launch_varlen<typename Instance::Element, Instance::kHeadDim>(p, stream);
+      err = eet::launch_varlen<typename Instance::Element, Instance::kHeadDim,
+                               Instance::kTensorCores>(p, stream);
     });
     return err;
   } catch (...) {  // std::string allocation failed: no exception may cross the C ABI

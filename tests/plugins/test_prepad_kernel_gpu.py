@@ -438,3 +438,137 @@ def test_cuda_graph_decode_step(dtype_name, head_dim):
         graph.replay()
         ctx = _ctx(test="graph", dtype=dtype_name, head_dim=head_dim, s=s, pads=pads)
         _check(tok, cache, before, pads, s, scale, dtype_name, ctx)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decode over long caches: batch * heads far below the multiprocessor count, so the decode kernel
+# splits every (row, head)'s keys over a cluster of blocks (sm_90+) and merges their partial softmax
+# states. The caches are filled directly (random keys/values, NaN/inf before each row's pad), then
+# single decode steps run at chosen positions.
+
+
+def _filled_cache(batch, num_heads, max_len, head_dim, dtype, pads, gen, misaligned=False):
+    cache = Cache(batch, num_heads, max_len, head_dim, dtype, misaligned=misaligned)
+    shape = cache.shape
+    cache.k.copy_(torch.randn(shape, generator=gen).to(dtype))
+    cache.v.copy_(torch.randn(shape, generator=gen).to(dtype))
+    for b, pad in enumerate(pads):  # never read: a kernel that did would not stay finite
+        pad = min(max(pad, 0), max_len)
+        cache.k[b, :, :pad] = float("nan")
+        cache.v[b, :, :pad] = float("inf")
+    return cache
+
+
+def _decode_step(tok_layout, dtype_name, head_dim, cache, pads, s, gen, *, num_heads, ctx_kw):
+    dtype_code, dtype = DTYPES[dtype_name]
+    batch = cache.shape[0]
+    scale = 1.0 / math.sqrt(head_dim)
+    pads_dev = torch.tensor(pads, dtype=torch.int32, device=DEVICE)
+    step = torch.tensor([s], dtype=torch.int32, device=DEVICE)
+    tok = Tokens(tok_layout, batch, 1, num_heads, head_dim, dtype, gen)
+    ctx = _ctx(s=s, pads=pads, **ctx_kw)
+    before = cache.snapshot()
+    _launch(tok, cache, pads_dev, step, dtype_code=dtype_code, scale=scale)
+    _check(tok, cache, before, pads, s, scale, dtype_name, ctx)
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])
+def test_decode_split_long_cache(dtype_name, head_dim):
+    """max_len 4096, 2 rows x 2 heads: pads 0, random, close to the step, equal to it (one key) and
+    past it (zeros); steps in the middle of the cache and at max_len - 1."""
+    _, dtype = DTYPES[dtype_name]
+    gen = _generator("split", dtype_name, head_dim)
+    max_len, num_heads = 4096, 2
+    for s in (max_len - 1, 2049, 700):
+        for pads in ([0, int(torch.randint(0, s, (1,), generator=gen))], [s - 1, s - 37],
+                     [s, s + 1], [s + 500, 0]):
+            cache = _filled_cache(len(pads), num_heads, max_len, head_dim, dtype, pads, gen)
+            kw = dict(test="split", dtype=dtype_name, head_dim=head_dim, max_len=max_len)
+            _decode_step("separate", dtype_name, head_dim, cache, pads, s, gen,
+                         num_heads=num_heads, ctx_kw=kw)
+
+
+@pytest.mark.parametrize("max_len", [256, 1024, 2048])
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])
+def test_decode_split_batch(dtype_name, max_len):
+    """Several rows and heads with random pads in [0, max_len), the step at max_len - 1 and at a
+    random position (on sm_90: 2 splits at max_len 256, 8 at 1024 and 2048)."""
+    _, dtype = DTYPES[dtype_name]
+    gen = _generator("split-batch", dtype_name, max_len)
+    batch, num_heads, head_dim = 7, 3, 64
+    for s in (max_len - 1, int(torch.randint(1, max_len, (1,), generator=gen))):
+        pads = [int(x) for x in torch.randint(0, max_len, (batch,), generator=gen)]
+        cache = _filled_cache(batch, num_heads, max_len, head_dim, dtype, pads, gen)
+        kw = dict(test="split-batch", dtype=dtype_name, max_len=max_len)
+        _decode_step("fused", dtype_name, head_dim, cache, pads, s, gen, num_heads=num_heads,
+                     ctx_kw=kw)
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])
+def test_decode_split_misaligned(dtype_name):
+    """The split path with odd offsets and strides everywhere (element-wise loads and stores)."""
+    _, dtype = DTYPES[dtype_name]
+    gen = _generator("split-misaligned", dtype_name)
+    max_len, head_dim, num_heads = 2048, 80, 2
+    s = max_len - 1
+    pads = [3, s - 2, s + 1]
+    cache = _filled_cache(len(pads), num_heads, max_len, head_dim, dtype, pads, gen,
+                          misaligned=True)
+    kw = dict(test="split-misaligned", dtype=dtype_name, max_len=max_len)
+    _decode_step("misaligned", dtype_name, head_dim, cache, pads, s, gen, num_heads=num_heads,
+                 ctx_kw=kw)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])
+def test_cuda_graph_decode_split(dtype_name, head_dim):
+    """A decode step over a 2048-token cache (split path) captured in a CUDA graph; *step changes on
+    the device between replays (rows whose pad is past the step, a step at max_len - 1)."""
+    dtype_code, dtype = DTYPES[dtype_name]
+    gen = _generator("graph-split", dtype_name, head_dim)
+    max_len, num_heads = 2048, 2
+    pads = [0, 1500, 1999, 17]
+    batch = len(pads)
+    scale = 1.0 / math.sqrt(head_dim)
+    cache = _filled_cache(batch, num_heads, max_len, head_dim, dtype, pads, gen)
+    pads_dev = torch.tensor(pads, dtype=torch.int32, device=DEVICE)
+    step = torch.tensor([1000], dtype=torch.int32, device=DEVICE)
+    kw = dict(dtype_code=dtype_code, scale=scale)
+
+    tok = Tokens("fused", batch, 1, num_heads, head_dim, dtype, gen)  # the graph's fixed buffers
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (on a side stream)
+        params = _launch(tok, cache, pads_dev, step, stream=side, **kw)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _launch(tok, cache, pads_dev, step, params=params, **kw)
+
+    qkv = tok.qkv
+    for s in (1001, 1600, 2000, max_len - 1, 5):
+        step.fill_(s)  # the graph reads *step on the device
+        qkv.copy_(torch.randn(qkv.shape, generator=gen).to(dtype))
+        tok.out.fill_(float("nan"))
+        before = cache.snapshot()
+        graph.replay()
+        ctx = _ctx(test="graph-split", dtype=dtype_name, head_dim=head_dim, s=s, pads=pads)
+        _check(tok, cache, before, pads, s, scale, dtype_name, ctx)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])
+def test_long_prompt(dtype_name, head_dim):
+    """A 2100-token prompt (fp16: 128-row query tiles, prompts >= 1024) with pad lengths off the
+    tile multiples, then decode steps."""
+    gen = _generator("long", dtype_name, head_dim)
+    _generate("separate", dtype_name, head_dim, 2100, n_decode=2, batch=3, num_heads=2,
+              pads=[0, 1030, 77], gen=gen)
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])
+def test_negative_scale(dtype_name):
+    """A negative softmax scale: the row maximum of the scores is not that of Q K^T."""
+    _generate("fused", dtype_name, 64, 150, n_decode=1, scale=-0.2)

@@ -339,3 +339,22 @@ def test_cuda_graph_capture(head_dim):
     bufs.out.fill_(float("nan"))
     graph.replay()
     _check(bufs, lengths, 0.1, "fp16", _ctx(test="graph", head_dim=head_dim))
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])
+def test_long_sequences(dtype_name, head_dim):
+    """Sequences past 2048 tokens, lengths off every tile multiple (64 and 128 query rows, 64 keys):
+    the fp16 kernel's 128-row tiles (max_seqlen >= 1024) and its longest-first block order."""
+    gen = _generator("long", dtype_name, head_dim)
+    lengths = [2100, 1, 1090, 127, 129, 2049]
+    _run_case("fused", dtype_name, head_dim, lengths, num_heads=2, gen=gen)
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])
+def test_negative_scale(dtype_name):
+    """Any finite scale is allowed; with a negative one the row maximum of the scores is not that of
+    Q K^T."""
+    gen = _generator("scale", dtype_name)
+    lengths = [300, 1, 65, 64]
+    _run_case("fused", dtype_name, 64, lengths, scale=-0.3, gen=gen)

@@ -118,27 +118,12 @@ def test_unsupported_gpu_message_names_gpu_and_capability():
     assert "SM 90 is not supported" in msg and "full TensorRT" in msg
 
 
-def built_gpt2_dir(tmp_path):
-    """A directory that passes the sidecar checks (the plan itself is never deserialized here)."""
-    from eet.runtime import sidecar
-
-    (tmp_path / "engine.plan").write_bytes(b"plan")
-    from eet import trt as trt_compat
-
-    trt = trt_compat.load()
-    sidecar.write(tmp_path, {**sidecar_info(tensorrt={"flavour": trt.flavour, "version": trt.version}),
-                             "model": {}, "dtype": "fp32", "io": {}, "profiles": [], "build": {},
-                             "files": {"plan": "engine.plan"}, "plan_sha256": sidecar.sha256_file(tmp_path / "engine.plan")})
-    return tmp_path
-
-
-def test_load_without_pycuda_or_gpu_says_what_is_missing(tmp_path, monkeypatch):
+def test_load_without_pycuda_or_gpu_says_what_is_missing(sidecar_only_gpt2, monkeypatch):
     import builtins
 
     import eet.runtime
 
-    pytest.importorskip("tensorrt_rtx")
-    folder = built_gpt2_dir(tmp_path)
+    folder = sidecar_only_gpt2
     real_import = builtins.__import__
 
     def no_pycuda(name, *args, **kwargs):
@@ -152,12 +137,12 @@ def test_load_without_pycuda_or_gpu_says_what_is_missing(tmp_path, monkeypatch):
         eet.runtime.load(folder)
 
 
-def test_load_checks_the_sidecar_first(tmp_path):
+def test_load_checks_the_sidecar_first(tmp_path, sidecar_only_gpt2):
     import eet.runtime
 
     with pytest.raises(EetError, match="has no engine.json"):
-        eet.runtime.load(tmp_path)
-    folder = built_gpt2_dir(tmp_path)
+        eet.runtime.load(tmp_path / "nothing")
+    folder = sidecar_only_gpt2
     (folder / "engine.plan").write_bytes(b"other")
     with pytest.raises(EetError, match="does not match its sidecar"):
         eet.runtime.load(folder)

@@ -1,0 +1,539 @@
+#!/usr/bin/env python3
+"""Benchmark of the EET attention kernels against PyTorch's attention (issue 4).
+
+One process times our kernels (libeet_kernels.so through eet/plugins/_lib.py's ctypes launchers, on
+torch tensors' data_ptr and torch's current stream) and the baselines on the same inputs, and prints a
+markdown table: per case our median time, each baseline's, the speedup against the fastest baseline,
+and the fraction of two machine ceilings measured in the same run:
+
+- useful TFLOP/s, counting real tokens only (4 * sum(len_i^2) * H * D for bidirectional attention, half
+  of that for causal), against an fp16 GEMM (8192^3 torch.matmul);
+- for decode, the valid KV bytes (2 * sum(step + 1 - pad_b) * H * D * element size) per second against
+  a device-to-device copy of a 1 GiB tensor (bytes read + written).
+
+Before timing, every output is checked against a float32 reference (max |diff| printed); a kernel
+outside the tolerance is reported as WRONG and gets no speedup. Times are medians of CUDA-event timings
+(triton.testing.do_bench, which flushes the L2 cache before every run).
+
+Usage (from the repository root, on a machine with an NVIDIA GPU):
+
+    EET_KERNELS_LIB=/tmp/eet-build/libeet_kernels.so python3 scripts/bench_kernels.py \\
+        [--cases varlen-b32,decode-1k] [--dtype fp16|fp32] [--json OUT] [--seed N]
+
+The module imports only the standard library at import time (torch and triton are imported by main()).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark shape. varlen / context: sequence lengths drawn uniformly from [lo, hi] (inclusive);
+    decode: pad lengths drawn uniformly from [lo, hi) and the step at max_len - 1 (a full cache)."""
+
+    name: str
+    kind: str  # "varlen" (bidirectional, packed), "decode" (seq = 1, KV cache), "context" (causal, left-padded)
+    batch: int
+    heads: int
+    lo: int
+    hi: int
+    max_len: int = 0  # decode: cache capacity
+    head_dim: int = 64
+
+
+CASES = {
+    c.name: c
+    for c in (
+        Case("varlen-b32", "varlen", 32, 12, 32, 512),
+        Case("varlen-b64", "varlen", 64, 16, 16, 256),
+        Case("varlen-b8", "varlen", 8, 16, 128, 2048),
+        Case("decode-1k", "decode", 32, 12, 0, 512, max_len=1024),
+        Case("decode-4k", "decode", 32, 12, 0, 2048, max_len=4096),
+        Case("decode-b128", "decode", 128, 12, 0, 256, max_len=512),
+        Case("context", "context", 32, 12, 16, 512),
+    )
+}
+
+DTYPE_BYTES = {"fp16": 2, "fp32": 4}
+TOLERANCE = {"fp16": 1e-2, "fp32": 1e-3}  # max |out - float32 reference|
+GEMM_N = 8192
+COPY_BYTES = 1 << 30
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure helpers (no torch; tested on the CPU by tests/scripts/test_bench_kernels.py)
+
+
+def attention_flops(lengths, heads: int, head_dim: int, causal: bool) -> float:
+    """Useful FLOPs of attention over sequences of the given lengths (real tokens only): QK^T and PV,
+    2 * 2 * len^2 * D per head; causal attention does half of it."""
+    total = 4.0 * sum(int(n) ** 2 for n in lengths) * heads * head_dim
+    return total / 2 if causal else total
+
+
+def decode_kv_bytes(pads, step: int, heads: int, head_dim: int, elem_bytes: int) -> int:
+    """Bytes of K and V a decode step must read: keys [pad_b, step] of every row (none when the pad is
+    past the step), both caches."""
+    keys = sum(max(step + 1 - max(int(p), 0), 0) for p in pads)
+    return 2 * keys * heads * head_dim * elem_bytes
+
+
+def copy_bandwidth(nbytes: int, seconds: float) -> float:
+    """Bytes per second of a device-to-device copy of nbytes: read plus written."""
+    return 2.0 * nbytes / seconds
+
+
+def gemm_flops(n: int) -> float:
+    return 2.0 * n**3
+
+
+def draw_lengths(case: Case, seed: int) -> list[int]:
+    """varlen / context: sequence lengths U[lo, hi]; decode: pad lengths U[lo, hi). Fixed per (case, seed)."""
+    rng = random.Random(f"{seed}:{case.name}")
+    if case.kind == "decode":
+        return [rng.randrange(case.lo, case.hi) for _ in range(case.batch)]
+    return [rng.randint(case.lo, case.hi) for _ in range(case.batch)]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Time the EET attention kernels against PyTorch's attention backends.")
+    parser.add_argument("--cases", default="all",
+                        help="comma-separated case names, or 'all' (default); cases: " + ", ".join(CASES))
+    parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="fp16")
+    parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    parser.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
+    parser.add_argument("--warmup", type=float, default=25.0, help="do_bench warm-up, ms (default 25)")
+    parser.add_argument("--rep", type=float, default=200.0, help="do_bench repetition time, ms (default 200)")
+    parser.add_argument("--no-baselines", action="store_true", help="time our kernels only (still checked)")
+    args = parser.parse_args(argv)
+    names = list(CASES) if args.cases.strip() == "all" else [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [n for n in names if n not in CASES]
+    if unknown or not names:
+        parser.error(f"unknown case(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(CASES)}")
+    args.case_list = [CASES[n] for n in names]
+    return args
+
+
+def rejection_reason(messages, exc, about: str = "") -> str:
+    """A short reason from PyTorch's warnings (the first that mentions `about`, case-insensitive, else the
+    first) or, without warnings, from the exception."""
+    import re
+
+    lines = [re.sub(r"\s*\(Triggered internally at .*", "", m.strip().splitlines()[0]) for m in messages if m.strip()]
+    lines = [ln for ln in lines if ln]
+    picked = [ln for ln in lines if about and about.lower() in ln.lower()]
+    if picked or lines:
+        reason = (picked or lines)[0]
+    else:
+        text = str(exc).strip().splitlines()
+        reason = f"{type(exc).__name__}: {text[0] if text else ''}"
+    return reason[:100]
+
+
+def fmt_us(ms) -> str:
+    return f"{ms * 1e3:.1f}" if isinstance(ms, (int, float)) else str(ms)
+
+
+def markdown_table(rows, baselines) -> str:
+    head = (["case", "ours (us)"] + [f"{b} (us)" for b in baselines]
+            + ["best baseline / ours", "useful TFLOP/s (% GEMM)", "valid KV GB/s (% copy)", "max |diff| ours"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["case"], fmt_us(r["ours_ms"])]
+        cells += [fmt_us(r["baselines"].get(b, "-")) for b in baselines]
+        cells += [r["speedup"], r["tflops"], r["bandwidth"], r["diff"]]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU side (torch, triton imported by main)
+
+
+class Bench:
+    """What the cases share: torch, the timer, the library binding, the ceilings."""
+
+    def __init__(self, args):
+        import torch
+        import torch.nn.functional as F
+
+        self.torch, self.F, self.args = torch, F, args
+        self.dtype = {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        self.tol = TOLERANCE[args.dtype]
+        if str(REPO) not in sys.path:
+            sys.path.insert(0, str(REPO))
+        from eet.plugins import _lib
+
+        self.lib = _lib
+        _lib.load_library()
+        self.dtype_code = {"fp16": _lib.DTYPE_FP16, "fp32": _lib.DTYPE_FP32}[args.dtype]
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            do_bench = None
+        self._do_bench = do_bench
+
+    def time_ms(self, fn) -> float:
+        """Median time of fn in ms (CUDA events; L2 flushed before every run)."""
+        torch = self.torch
+        if self._do_bench is not None:
+            return float(self._do_bench(fn, warmup=self.args.warmup, rep=self.args.rep, return_mode="median"))
+        flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+        for _ in range(5):
+            fn()
+        times = []
+        for _ in range(100):
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
+
+    def randn(self, *shape, gen):
+        return self.torch.randn(*shape, generator=gen, device="cuda", dtype=self.torch.float32).to(self.dtype)
+
+    def ceilings(self):
+        torch = self.torch
+        a = torch.randn(GEMM_N, GEMM_N, device="cuda", dtype=torch.float16)
+        b = torch.randn(GEMM_N, GEMM_N, device="cuda", dtype=torch.float16)
+        gemm_ms = self.time_ms(lambda: torch.matmul(a, b))
+        del a, b
+        src = torch.rand(COPY_BYTES // 2, device="cuda", dtype=torch.float32).to(torch.float16)
+        dst = torch.empty_like(src)
+        copy_ms = self.time_ms(lambda: dst.copy_(src))
+        del src, dst
+        torch.cuda.empty_cache()
+        return {
+            "gemm_fp16_tflops": gemm_flops(GEMM_N) / (gemm_ms * 1e-3) / 1e12,
+            "copy_gbps": copy_bandwidth(COPY_BYTES, copy_ms * 1e-3) / 1e9,
+            "gemm_ms": gemm_ms,
+            "copy_ms": copy_ms,
+        }
+
+    # -- baselines ---------------------------------------------------------------------------------
+
+    def sdpa_backends(self):
+        from torch.nn.attention import SDPBackend
+
+        return {
+            "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+            "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+            "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+        }
+
+    def try_run(self, fn, about=""):
+        """(output, None) or (None, reason): a backend that rejects the inputs is not an error. The reason
+        is PyTorch's warning that mentions `about` (e.g. "flash"), else its first warning, else the
+        exception."""
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                out = fn()
+                self.torch.cuda.synchronize()
+                return out, None
+            except Exception as exc:  # noqa: BLE001 - any rejection is reported, not raised
+                return None, rejection_reason([str(w.message) for w in caught], exc, about)
+
+    def sdpa_masked(self, q, k, v, mask_bool):
+        """Every SDPA backend with the boolean mask, then (if rejected) an additive one:
+        {name: (fn, None) | (None, reason)}."""
+        from torch.nn.attention import sdpa_kernel
+
+        F, torch = self.F, self.torch
+        additive = torch.zeros(mask_bool.shape, dtype=q.dtype, device="cuda").masked_fill(~mask_bool, float("-inf"))
+        found = {}
+        for name, backend in self.sdpa_backends().items():
+            result = (None, "not run")
+            for mask in (mask_bool, additive):
+                def fn(mask=mask, backend=backend):
+                    with sdpa_kernel(backend):
+                        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+                out, reason = self.try_run(fn, about=name.split("-")[1])
+                if out is not None:
+                    result = (fn, None)
+                    break
+                if result[0] is None and result[1] == "not run":
+                    result = (None, reason)  # the boolean mask's reason
+            found[name] = result
+        return found
+
+
+def run_varlen(bench: Bench, case: Case):
+    torch, F, lib = bench.torch, bench.F, bench.lib
+    H, D = case.heads, case.head_dim
+    lengths = draw_lengths(case, bench.args.seed)
+    T, S, B = sum(lengths), max(lengths), case.batch
+    gen = torch.Generator(device="cuda").manual_seed(bench.args.seed)
+    q, k, v = (bench.randn(T, H, D, gen=gen) for _ in range(3))
+    out = torch.empty_like(q)
+    cu = torch.tensor([0] + list(_cumsum(lengths)), dtype=torch.int32, device="cuda")
+    params = lib.make_varlen_params(dtype=bench.dtype_code, num_heads=H, head_dim=D, batch=B, max_seqlen=S,
+                                    total_tokens=T, q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
+                                    out=out.data_ptr(), cu_seqlens=cu.data_ptr())
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def ours():
+        lib.varlen_attention(params, stream)
+
+    # float32 reference, one sequence at a time
+    ref = torch.empty(T, H, D, dtype=torch.float32, device="cuda")
+    offs = [0] + list(_cumsum(lengths))
+    for b in range(B):
+        sl = slice(offs[b], offs[b + 1])
+        qs, ks, vs = (x[sl].float().transpose(0, 1)[None] for x in (q, k, v))
+        ref[sl] = F.scaled_dot_product_attention(qs, ks, vs)[0].transpose(0, 1)
+
+    # padded batch [B, H, S, D] with a key-padding mask
+    idx = torch.zeros(B, S, dtype=torch.long, device="cuda")
+    valid = torch.zeros(B, S, dtype=torch.bool, device="cuda")
+    for b, n in enumerate(lengths):
+        idx[b, :n] = torch.arange(offs[b], offs[b] + n, device="cuda")
+        valid[b, :n] = True
+    qp, kp, vp = (x[idx].transpose(1, 2).contiguous() for x in (q, k, v))  # [B, H, S, D]
+    mask = valid[:, None, None, :]  # keys; padded query rows see the valid keys and are ignored
+
+    def unpad(o):  # [B, H, S, D] -> [T, H, D]
+        return o.transpose(1, 2)[valid]
+
+    baselines = {}
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        def fn_varlen():
+            return varlen_attn(q, k, v, cu, cu, S, S)
+
+        out_v, reason = bench.try_run(fn_varlen)
+        baselines["varlen_attn"] = (fn_varlen, None, lambda o: o) if out_v is not None else (None, reason, None)
+    except ImportError as exc:
+        baselines["varlen_attn"] = (None, str(exc)[:90], None)
+    for name, (fn, reason) in bench.sdpa_masked(qp, kp, vp, mask).items():
+        baselines[name] = (fn, reason, unpad)
+    flops = attention_flops(lengths, H, D, causal=False)
+    return finish(bench, case, ours, out, ref, baselines, flops=flops)
+
+
+def run_context(bench: Bench, case: Case):
+    torch, F, lib = bench.torch, bench.F, bench.lib
+    H, D = case.heads, case.head_dim
+    lengths = draw_lengths(case, bench.args.seed)
+    B, S = case.batch, max(lengths)
+    pads = [S - n for n in lengths]
+    gen = torch.Generator(device="cuda").manual_seed(bench.args.seed)
+    q, k, v = (bench.randn(B, S, H * D, gen=gen) for _ in range(3))
+    out = torch.empty_like(q)
+    k_cache = torch.zeros(B, H, S, D, dtype=bench.dtype, device="cuda")
+    v_cache = torch.zeros_like(k_cache)
+    pads_dev = torch.tensor(pads, dtype=torch.int32, device="cuda")
+    step = torch.zeros(1, dtype=torch.int32, device="cuda")
+    params = lib.make_prepad_params(dtype=bench.dtype_code, num_heads=H, head_dim=D, batch=B, seq=S, max_len=S,
+                                    q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(),
+                                    k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(),
+                                    pad_lengths=pads_dev.data_ptr(), step=step.data_ptr())
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def ours():
+        lib.prepad_attention(params, stream)
+
+    qh, kh, vh = (x.view(B, S, H, D).transpose(1, 2).contiguous() for x in (q, k, v))  # [B, H, S, D]
+    ref = torch.zeros(B, H, S, D, dtype=torch.float32, device="cuda")
+    for b, p in enumerate(pads):
+        ref[b, :, p:] = F.scaled_dot_product_attention(qh[b:b + 1, :, p:].float(), kh[b:b + 1, :, p:].float(),
+                                                       vh[b:b + 1, :, p:].float(), is_causal=True)[0]
+    i = torch.arange(S, device="cuda")
+    pad_t = torch.tensor(pads, device="cuda")
+    allowed = (i[None, None, :] >= pad_t[:, None, None]) & (i[None, None, :] <= i[None, :, None])  # [B, S, S]
+    allowed |= (i[None, None, :] == i[None, :, None])  # padded query rows: themselves (ignored; no NaN)
+    mask = allowed[:, None]
+    valid_q = i[None, :] >= pad_t[:, None]  # [B, S]
+
+    def select(o_bhsd):  # [B, H, S, D] -> [n_valid, H, D]
+        return o_bhsd.transpose(1, 2)[valid_q]
+
+    baselines = {}
+    # varlen_attn (causal) on the packed real tokens
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        idx = valid_q.nonzero(as_tuple=True)
+        qv, kv_, vv = (x.view(B, S, H, D)[idx].contiguous() for x in (q, k, v))
+        cu = torch.tensor([0] + list(_cumsum(lengths)), dtype=torch.int32, device="cuda")
+        attempts = [dict(is_causal=True), dict(window_size=(-1, 0))]
+        fn_v, reason = None, "no causal option"
+        for kw in attempts:
+            def fn(kw=kw):
+                return varlen_attn(qv, kv_, vv, cu, cu, S, S, **kw)
+
+            o, reason = bench.try_run(fn)
+            if o is not None:
+                fn_v = fn
+                break
+        baselines["varlen_attn"] = (fn_v, reason if fn_v is None else None, lambda o: o)
+    except ImportError as exc:
+        baselines["varlen_attn"] = (None, str(exc)[:90], None)
+    for name, (fn, reason) in bench.sdpa_masked(qh, kh, vh, mask).items():
+        baselines[name] = (fn, reason, select)
+    flops = attention_flops(lengths, H, D, causal=True)
+    ours_view = lambda: select(out.view(B, S, H, D).transpose(1, 2))  # noqa: E731
+    return finish(bench, case, ours, ours_view, select(ref), baselines, flops=flops)
+
+
+def run_decode(bench: Bench, case: Case):
+    torch, F, lib = bench.torch, bench.F, bench.lib
+    H, D, B, L = case.heads, case.head_dim, case.batch, case.max_len
+    pads = draw_lengths(case, bench.args.seed)
+    s = L - 1  # the full cache
+    gen = torch.Generator(device="cuda").manual_seed(bench.args.seed)
+    k_cache = bench.randn(B, H, L, D, gen=gen)
+    v_cache = bench.randn(B, H, L, D, gen=gen)
+    q, k, v = (bench.randn(B, 1, H * D, gen=gen) for _ in range(3))
+    out = torch.empty_like(q)
+    pads_dev = torch.tensor(pads, dtype=torch.int32, device="cuda")
+    step = torch.tensor([s], dtype=torch.int32, device="cuda")
+    params = lib.make_prepad_params(dtype=bench.dtype_code, num_heads=H, head_dim=D, batch=B, seq=1, max_len=L,
+                                    q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(),
+                                    k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(),
+                                    pad_lengths=pads_dev.data_ptr(), step=step.data_ptr())
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def ours():
+        lib.prepad_attention(params, stream)
+
+    ours()  # appends the new key/value at s: the baselines read the same cache
+    torch.cuda.synchronize()
+    qh = q.view(B, 1, H, D).transpose(1, 2).contiguous()  # [B, H, 1, D]
+    kk, vv = k_cache[:, :, : s + 1], v_cache[:, :, : s + 1]
+    j = torch.arange(s + 1, device="cuda")
+    mask = (j[None, :] >= pads_dev[:, None].clamp(min=0)).view(B, 1, 1, s + 1)
+    ref = F.scaled_dot_product_attention(qh.float(), kk.float(), vv.float(), attn_mask=mask)  # [B, H, 1, D]
+
+    def as_ours(o):  # [B, H, 1, D] -> [B, 1, H * D]
+        return o.transpose(1, 2).reshape(B, 1, H * D)
+
+    baselines = {name: (fn, reason, as_ours) for name, (fn, reason) in bench.sdpa_masked(qh, kk, vv, mask).items()}
+    nbytes = decode_kv_bytes(pads, s, H, D, DTYPE_BYTES[bench.args.dtype])
+    return finish(bench, case, ours, out, as_ours(ref), baselines, kv_bytes=nbytes)
+
+
+def _cumsum(xs):
+    total = 0
+    for x in xs:
+        total += x
+        yield total
+
+
+def finish(bench: Bench, case: Case, ours, ours_out, ref, baselines, flops=None, kv_bytes=None):
+    """Checks every output against ref, times what is correct, and returns the case's row."""
+    torch = bench.torch
+    ceil = bench.ceil
+    ours()
+    torch.cuda.synchronize()
+    got = ours_out() if callable(ours_out) else ours_out
+    diff = (got.float() - ref.float()).abs().max().item()
+    ok = math.isfinite(diff) and diff <= bench.tol
+    row = {"case": case.name, "kind": case.kind, "shape": asdict(case), "ours_diff": diff, "ours_ok": ok,
+           "baselines": {}, "baseline_diffs": {}, "baseline_na": {}}
+    print(f"[{case.name}] ours: max |diff| vs float32 reference {diff:.3g} "
+          f"({'ok' if ok else 'WRONG'}, tolerance {bench.tol:g})", flush=True)
+    for name, (fn, reason, convert) in baselines.items():
+        if bench.args.no_baselines:
+            continue
+        if fn is None:
+            row["baseline_na"][name] = reason
+            row["baselines"][name] = f"n/a ({reason})"
+            print(f"[{case.name}] {name}: n/a ({reason})", flush=True)
+            continue
+        o = fn()
+        torch.cuda.synchronize()
+        bd = (convert(o).float() - ref.float()).abs().max().item()
+        row["baseline_diffs"][name] = bd
+        ms = bench.time_ms(fn)
+        row["baselines"][name] = ms
+        print(f"[{case.name}] {name}: {ms * 1e3:.1f} us, max |diff| vs reference {bd:.3g}", flush=True)
+    ours_ms = bench.time_ms(ours)
+    row["ours_ms"] = ours_ms if ok else f"WRONG ({ours_ms * 1e3:.1f} us)"
+    timed = [ms for ms in row["baselines"].values() if isinstance(ms, float)]
+    best = min(timed) if timed else None
+    row["best_baseline_ms"] = best
+    row["speedup"] = f"{best / ours_ms:.2f}x" if (ok and best) else "-"
+    if flops is not None:
+        tf = flops / (ours_ms * 1e-3) / 1e12
+        row["useful_tflops"] = tf
+        row["tflops"] = f"{tf:.1f} ({100 * tf / ceil['gemm_fp16_tflops']:.1f}%)" if ok else "-"
+    else:
+        row["tflops"] = "-"
+    if kv_bytes is not None:
+        gbps = kv_bytes / (ours_ms * 1e-3) / 1e9
+        row["kv_bytes"] = kv_bytes
+        row["kv_gbps"] = gbps
+        row["copy_fraction"] = gbps / ceil["copy_gbps"]
+        row["bandwidth"] = f"{gbps:.0f} ({100 * gbps / ceil['copy_gbps']:.1f}%)" if ok else "-"
+    else:
+        row["bandwidth"] = "-"
+    row["diff"] = f"{diff:.2g}"
+    print(f"[{case.name}] ours: {ours_ms * 1e3:.1f} us" + ("" if ok else " (WRONG: not compared)"), flush=True)
+    return row
+
+
+RUNNERS = {"varlen": run_varlen, "decode": run_decode, "context": run_context}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        import torch
+    except ImportError:
+        print("error: bench_kernels.py needs PyTorch with CUDA (import torch failed)", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("error: bench_kernels.py needs an NVIDIA GPU: torch.cuda.is_available() is False "
+              f"(torch {torch.__version__})", file=sys.stderr)
+        return 2
+    try:
+        bench = Bench(args)
+    except RuntimeError as exc:  # the kernel library is missing or stale
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    name = torch.cuda.get_device_name()
+    print(f"device: {name} | torch {torch.__version__} | dtype {args.dtype} | seed {args.seed}", flush=True)
+    bench.ceil = bench.ceilings()
+    c = bench.ceil
+    print(f"ceilings: fp16 GEMM {GEMM_N}^3 {c['gemm_fp16_tflops']:.0f} TFLOP/s; device copy of 1 GiB "
+          f"{c['copy_gbps']:.0f} GB/s (read + write)", flush=True)
+    rows = []
+    for case in args.case_list:
+        rows.append(RUNNERS[case.kind](bench, case))
+        torch.cuda.empty_cache()
+    names = []
+    for r in rows:
+        names += [n for n in r["baselines"] if n not in names]
+    print()
+    print(f"{name}, {args.dtype}, head dim 64, medians of CUDA-event timings (L2 flushed); "
+          f"fp16 GEMM {c['gemm_fp16_tflops']:.0f} TFLOP/s, copy {c['copy_gbps']:.0f} GB/s")
+    print()
+    print(markdown_table(rows, names))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__, "dtype": args.dtype,
+                                               "seed": args.seed, "ceilings": c, "rows": rows}, indent=2,
+                                              default=str))
+    return 0 if all(r["ours_ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
