@@ -38,6 +38,14 @@ GRAPH_MODES = ("auto", "engine", "stream", "off")
 driver's stream capture and replays it), ``off``, or ``auto`` (``engine`` where the flavour has it, else
 ``stream``)."""
 
+SPECIALIZATION_MODES = ("auto", "lazy", "eager", "none")
+"""TensorRT-RTX compiles shape-specialized kernels when a context meets a new shape
+(``IRuntimeConfig.dynamic_shapes_kernel_specialization_strategy``): ``lazy`` keeps running the generic kernels
+while it compiles in the background, ``eager`` compiles before the first run of a shape (0.3-0.7 s per shape
+on an H100), ``none`` never specializes. ``auto``: ``eager`` for GPT-2's decode profile (one shape per batch
+size, replayed thousands of times; the CUDA graph must capture the specialized kernels), ``lazy`` elsewhere.
+Ignored by flavours without it (full TensorRT picks its kernels at build time)."""
+
 
 def check_compatible(info: Mapping, flavour: str, version: str) -> None:
     """Raise :class:`EetError` unless a plan described by sidecar ``info`` can be run by TensorRT ``flavour``
@@ -174,9 +182,14 @@ class Engine:
 
     family = ""
 
-    def __init__(self, directory: Path, info: dict, trt, device, trt_engine, log, graphs: str = "auto"):
+    def __init__(self, directory: Path, info: dict, trt, device, trt_engine, log, graphs: str = "auto",
+                 specialization: str = "auto"):
         self.directory, self.info, self.trt, self.device = directory, info, trt, device
         self.trt_engine, self.log = trt_engine, log
+        if specialization not in SPECIALIZATION_MODES:
+            raise EetError(f"unknown kernel specialization {specialization!r}: use one of "
+                           f"{', '.join(SPECIALIZATION_MODES)}")
+        self.specialization = specialization
         if graphs not in GRAPH_MODES:
             raise EetError(f"unknown cuda_graphs mode {graphs!r}: use one of {', '.join(GRAPH_MODES)}")
         has_engine_graphs = hasattr(trt.module, "CudaGraphStrategy")
@@ -211,8 +224,20 @@ class Engine:
             raise
 
     def _runtime_config(self, profile: int):
-        """The runtime configuration of the context for ``profile`` (None: the default)."""
-        return None
+        """The runtime configuration of the context for ``profile`` (None: the flavour's default)."""
+        t = self.trt.module
+        if not hasattr(self.trt_engine, "create_runtime_config"):
+            return None
+        config = self.trt_engine.create_runtime_config()
+        strategy = getattr(t, "DynamicShapesKernelSpecializationStrategy", None)
+        if strategy is not None:
+            mode = self._specialization(profile)
+            config.dynamic_shapes_kernel_specialization_strategy = getattr(strategy, mode.upper())
+        return config
+
+    def _specialization(self, profile: int) -> str:
+        """The specialization mode of ``profile``'s context (``auto`` resolved)."""
+        return "lazy" if self.specialization == "auto" else self.specialization
 
     # ---- life cycle
     def close(self) -> None:
@@ -266,7 +291,7 @@ class Engine:
                 f"on {self.device.info}")
 
 
-def load(directory: str | Path, *, device: int = 0, cuda_graphs: str = "auto",
+def load(directory: str | Path, *, device: int = 0, cuda_graphs: str = "auto", specialization: str = "auto",
          deserialize_hook: Callable[[], ContextManager] | None = None):
     """Load the engine in ``directory`` (written by ``eet build``) on GPU ``device``.
 
@@ -274,6 +299,7 @@ def load(directory: str | Path, *, device: int = 0, cuda_graphs: str = "auto",
         directory: the engine directory (``engine.plan`` + ``engine.json``).
         device: CUDA device ordinal (default 0).
         cuda_graphs: GPT-2 decode-step capture, one of :data:`GRAPH_MODES` (default ``auto``).
+        specialization: TensorRT-RTX's shape-specialized kernels, one of :data:`SPECIALIZATION_MODES`.
         deserialize_hook: a context-manager factory wrapped around deserialization (tests only; default none).
 
     Returns:
@@ -308,7 +334,7 @@ def load(directory: str | Path, *, device: int = 0, cuda_graphs: str = "auto",
         from eet.runtime.gpt2 import Gpt2Engine
 
         cls = {"bert": BertEngine, "gpt2": Gpt2Engine}[info["family"]]
-        return cls(folder, info, trt, dev, trt_engine, log, cuda_graphs)
+        return cls(folder, info, trt, dev, trt_engine, log, cuda_graphs, specialization)
     except BaseException:
         dev.close()
         raise
@@ -329,7 +355,7 @@ def _deserialize(trt, dev, plan: Path, hook):
     return trt_engine, log
 
 
-def load_plain(directory: str | Path, *, device: int = 0,
+def load_plain(directory: str | Path, *, device: int = 0, specialization: str = "auto",
                deserialize_hook: Callable[[], ContextManager] | None = None) -> Engine:
     """The plain baseline ``DIR/plain.plan`` (``eet build bert --plain-baseline``) as a generic :class:`Engine`
     (contexts, buffers and transfers, no encode()): what `eet bench` compares the EET engine with."""
@@ -347,7 +373,7 @@ def load_plain(directory: str | Path, *, device: int = 0,
     dev = Device(device)
     try:
         trt_engine, log = _deserialize(trt, dev, plan, deserialize_hook)
-        return Engine(folder, info, trt, dev, trt_engine, log, "off")
+        return Engine(folder, info, trt, dev, trt_engine, log, "off", specialization)
     except BaseException:
         dev.close()
         raise

@@ -79,11 +79,15 @@ class Gpt2Engine(Engine):
         self.want_logits = False
 
     def _runtime_config(self, profile: int):
-        if profile != self.DECODE or self.graphs != "engine":
-            return None
-        config = self.trt_engine.create_runtime_config()
-        config.cuda_graph_strategy = self.trt.module.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+        config = super()._runtime_config(profile)
+        if config is not None and profile == self.DECODE and self.graphs == "engine":
+            config.cuda_graph_strategy = self.trt.module.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
         return config
+
+    def _specialization(self, profile: int) -> str:
+        if self.specialization == "auto":
+            return "eager" if profile == self.DECODE else "lazy"
+        return self.specialization
 
     def _release(self) -> None:
         for graph in self._graphs.values():

@@ -23,6 +23,7 @@ if __name__ == "__main__":
     p.add_argument("--past", type=int, default=512)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--cuda-graphs", default="off")
+    p.add_argument("--specialization", default="auto")
     args = p.parse_args()
     import numpy as np
     import torch
@@ -32,7 +33,8 @@ if __name__ == "__main__":
     from eet.runtime.bert import pack
 
     torch.cuda.init()
-    with eet.runtime.load(args.directory, deserialize_hook=hook, cuda_graphs=args.cuda_graphs) as engine:
+    with eet.runtime.load(args.directory, deserialize_hook=hook, cuda_graphs=args.cuda_graphs,
+                          specialization=args.specialization) as engine:
         rng = np.random.default_rng(0)
         if engine.family == "gpt2":
             ids = rng.integers(0, engine.limits.vocab_size, (args.batch, args.past)).astype(np.int32)

@@ -119,7 +119,8 @@ def bench_bert(engine, args, out=print, deserialize_hook=None) -> list[dict]:
     if (engine.directory / "plain.plan").is_file():
         from eet.runtime.engine import load_plain
 
-        with load_plain(engine.directory, deserialize_hook=deserialize_hook) as plain:
+        with load_plain(engine.directory, specialization=args.specialization,
+                        deserialize_hook=deserialize_hook) as plain:
             pctx = plain.contexts[0]
             host = {"input_ids": ids.cpu().numpy(), "attention_mask": mask.cpu().numpy(),
                     "token_type_ids": np.zeros_like(ids.cpu().numpy()),
@@ -239,6 +240,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=int, default=0)
     p.add_argument("--cuda-graphs", choices=("auto", "engine", "stream", "off"), default="auto",
                    help="GPT-2 decode-step capture (see eet.runtime.engine.GRAPH_MODES)")
+    p.add_argument("--specialization", choices=("auto", "lazy", "eager", "none"), default="eager",
+                   help="TensorRT-RTX shape-specialized kernels (eet.runtime.engine.SPECIALIZATION_MODES); default "
+                   "eager: every timed shape runs its specialized kernels, as a fixed-shape service gets them")
     return p
 
 
@@ -250,7 +254,7 @@ def main(argv: list[str] | None = None, deserialize_hook=None) -> int:
     import eet.runtime
 
     with eet.runtime.load(args.directory, device=args.device, deserialize_hook=deserialize_hook,
-                          cuda_graphs=args.cuda_graphs) as engine:
+                          cuda_graphs=args.cuda_graphs, specialization=args.specialization) as engine:
         print(engine.describe())
         import torch
 
@@ -261,6 +265,7 @@ def main(argv: list[str] | None = None, deserialize_hook=None) -> int:
         else:
             args.min_len = 16 if args.min_len is None else args.min_len
             rows = bench_gpt2(engine, args)
+    print(f"kernel specialization: {args.specialization}")
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
