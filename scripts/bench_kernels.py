@@ -132,9 +132,12 @@ def rejection_reason(messages, exc, about: str = "") -> str:
 
     lines = [re.sub(r"\s*\(Triggered internally at .*", "", m.strip().splitlines()[0]) for m in messages if m.strip()]
     lines = [ln for ln in lines if ln]
-    picked = [ln for ln in lines if about and about.lower() in ln.lower()]
-    if picked or lines:
-        reason = (picked or lines)[0]
+    picked = [i for i, ln in enumerate(lines) if about and about.lower() in ln.lower()]
+    if lines:
+        i = picked[0] if picked else 0
+        reason = lines[i]
+        if picked and reason.endswith(":") and i + 1 < len(lines):  # "... kernel not used because:" + why
+            reason = f"{reason} {lines[i + 1]}"
     else:
         text = str(exc).strip().splitlines()
         reason = f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -86,8 +86,21 @@ def test_fp16_graph_generates(exported_gpt2, rng):
     step = ReferenceStep(model, num_layers=LAYERS, num_heads=HEADS, head_dim=HEAD_DIM, max_len=MAX_LEN)
     tokens, logits = greedy(step, prompts, 6)
     assert logits[0].dtype == np.float16 and np.isfinite(logits[0]).all()
-    # fp16 rounding may flip a near-tie later on; the first token comes from the prompt alone
-    assert [t[0] for t in tokens] == [t[0] for t in hf_alone(loaded.model, prompts, 1)]
+    # the first step comes from the prompt alone: its fp16 logits must be within the fp16 logit tolerance of
+    # Hugging Face fp32 (relative to the largest logit), and its token may differ only at a near-tie there
+    import torch
+
+    from eet.commands.check import LOGIT_TOLERANCES
+
+    bound = LOGIT_TOLERANCES["fp16"]
+    for row, p in enumerate(prompts):
+        with torch.no_grad():
+            ref = loaded.model(torch.tensor([p])).logits[0, -1].double().numpy()
+        scale = np.abs(ref).max()
+        assert np.abs(logits[0][row].astype(np.float64) - ref).max() / scale <= bound
+        top = np.sort(ref)[::-1]
+        if tokens[row][0] != int(ref.argmax()):
+            assert (top[0] - top[1]) / scale <= 2 * bound, (row, (top[0] - top[1]) / scale)
 
 
 def test_unmatched_layer_is_named(exported_gpt2):

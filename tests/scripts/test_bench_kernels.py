@@ -117,3 +117,6 @@ def test_rejection_reason(bench):
     assert bench.rejection_reason(msgs, err, "flash") == "Flash attention does not support non-null attn_mask."
     assert bench.rejection_reason(msgs, err, "cudnn") == "Memory efficient kernel not used because:"
     assert bench.rejection_reason([], err) == "RuntimeError: No available kernel. Aborting execution."
+    torch_order = ["Flash attention kernel not used because: (Triggered internally at /pytorch/a.cpp:3.)", msgs[1]]
+    assert bench.rejection_reason(torch_order, err, "flash") == (
+        "Flash attention kernel not used because: Flash attention does not support non-null attn_mask.")
