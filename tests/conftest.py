@@ -27,6 +27,29 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+# Small random models for the GPU engine tests (wide init: peaked attention, so a wrong scale or mask shows).
+GPU_CONFIGS = {
+    "bert": dict(model_type="bert", vocab_size=2000, hidden_size=256, num_hidden_layers=3, num_attention_heads=4,
+                 intermediate_size=1024, max_position_embeddings=512, initializer_range=0.1),
+    "gpt2": dict(model_type="gpt2", vocab_size=2000, n_embd=256, n_layer=4, n_head=4, n_positions=256,
+                 initializer_range=0.1),
+}
+
+
+def build_like_cpu(folder, family: str, dtype: str, *args):
+    """``eet build FAMILY`` of ``GPU_CONFIGS[family]`` into ``folder/FAMILY-DTYPE``, with no GPU visible to the
+    builder (as on a CPU-only machine); returns the engine directory."""
+    import json
+    import subprocess
+
+    config = folder / f"{family}.json"
+    config.write_text(json.dumps(GPU_CONFIGS[family]))
+    out = folder / f"{family}-{dtype}"
+    subprocess.run([sys.executable, "-m", "eet", "build", family, "--config", str(config), "--out", str(out),
+                    "--dtype", dtype, *args], check=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    return out
+
+
 @pytest.fixture(scope="session")
 def deserialize_hook():
     """A context manager factory to wrap plan deserialization (the shim's faked capability, or nothing)."""

@@ -113,7 +113,7 @@ def bench_bert(engine, args, out=print, deserialize_hook=None) -> list[dict]:
     with torch.no_grad():
         hf_ms = median_ms(lambda: model(input_ids=ids, attention_mask=mask), args.iters, events=_torch_events(torch))
     rows.append({"case": f"Hugging Face PyTorch SDPA ({engine.info['dtype']}, padded)", "ms": hf_ms})
-    del model
+    model = None  # frees the Hugging Face weights before the plain engine loads
     torch.cuda.empty_cache()
     # the plain TensorRT engine (no EET rewrite), padded batch with mask
     if (engine.directory / "plain.plan").is_file():

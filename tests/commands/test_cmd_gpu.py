@@ -10,34 +10,24 @@ import sys
 
 import pytest
 
-from conftest import cuda_available
+from conftest import GPU_CONFIGS, build_like_cpu, cuda_available
 
 pytestmark = pytest.mark.gpu
 if not cuda_available():
     pytest.skip("needs an NVIDIA GPU", allow_module_level=True)
 pytest.importorskip("pycuda")
 
-BERT = dict(model_type="bert", vocab_size=2000, hidden_size=256, num_hidden_layers=3, num_attention_heads=4,
-            intermediate_size=1024, max_position_embeddings=512, initializer_range=0.1)
-GPT2 = dict(model_type="gpt2", vocab_size=2000, n_embd=256, n_layer=4, n_head=4, n_positions=256,
-            initializer_range=0.1)
+BERT = GPU_CONFIGS["bert"]
 CPU_ONLY = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # build like a CPU-only machine
 
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     root = tmp_path_factory.mktemp("cmd")
-    out = {}
-    for family, cfg, extra in (("bert", BERT, ["--max-batch", "8", "--max-tokens", "2048", "--max-seq", "256",
-                                              "--plain-baseline"]),
-                               ("gpt2", GPT2, ["--max-batch", "8", "--max-prompt", "64", "--max-len", "128"])):
-        (root / f"{family}.json").write_text(json.dumps(cfg))
-        for dtype in ("fp32", "fp16"):
-            d = root / f"{family}-{dtype}"
-            subprocess.run([sys.executable, "-m", "eet", "build", family, "--config", str(root / f"{family}.json"),
-                            "--out", str(d), "--dtype", dtype, *extra], check=True, env=CPU_ONLY)
-            out[family, dtype] = d
-    return out
+    sizes = {"bert": ["--max-batch", "8", "--max-tokens", "2048", "--max-seq", "256", "--plain-baseline"],
+             "gpt2": ["--max-batch", "8", "--max-prompt", "64", "--max-len", "128"]}
+    return {(family, dtype): build_like_cpu(root, family, dtype, *extra) for family, extra in sizes.items()
+            for dtype in ("fp32", "fp16")}
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2"])

@@ -4,33 +4,18 @@ Hugging Face PyTorch on the same GPU, CUDA-graph decode, EOS, streaming, samplin
 On an H100/H200 with TensorRT-RTX this needs the test shim (EET_CC_SHIM, see tests/conftest.py), passed to
 load() as its deserialize_hook; the runtime itself never loads it."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import CC_SHIM, cuda_available
+from conftest import CC_SHIM, GPU_CONFIGS, build_like_cpu, cuda_available
 
 pytestmark = pytest.mark.gpu
 if not cuda_available():
     pytest.skip("needs an NVIDIA GPU", allow_module_level=True)
 pytest.importorskip("pycuda")
 
-BERT = dict(model_type="bert", vocab_size=2000, hidden_size=256, num_hidden_layers=3, num_attention_heads=4,
-            intermediate_size=1024, max_position_embeddings=512, initializer_range=0.1)
-GPT2 = dict(model_type="gpt2", vocab_size=2000, n_embd=256, n_layer=4, n_head=4, n_positions=256,
-            initializer_range=0.1)
-
-
-def eet_build(tmp_path, family, config, dtype, *args):
-    (tmp_path / f"{family}.json").write_text(json.dumps(config))
-    out = tmp_path / f"{family}-{dtype}-{len(args)}"
-    subprocess.run([sys.executable, "-m", "eet", "build", family, "--config", str(tmp_path / f"{family}.json"),
-                    "--out", str(out), "--dtype", dtype, *args], check=True,
-                   env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))  # build like a CPU-only machine
-    return out
+BERT, GPT2 = GPU_CONFIGS["bert"], GPU_CONFIGS["gpt2"]
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +25,7 @@ def built(tmp_path_factory):
     def get(family, dtype, *args):
         key = (family, dtype, args)
         if key not in cache:
-            cache[key] = eet_build(tmp_path_factory.mktemp(family), family, BERT if family == "bert" else GPT2,
-                                   dtype, *args)
+            cache[key] = build_like_cpu(tmp_path_factory.mktemp(family), family, dtype, *args)
         return cache[key]
 
     return get
