@@ -88,9 +88,24 @@ def set_attention(model, impl: str) -> None:
         model.config._attn_implementation = impl
 
 
+def cache_kwargs(model, cache) -> dict:
+    """How to hand a KV cache to a Hugging Face model's ``forward``: ``cache=`` where its signature has it
+    (newer transformers; ``past_key_values`` is deprecated there), else ``past_key_values=``."""
+    import inspect
+
+    return {"cache": cache} if "cache" in inspect.signature(model.forward).parameters else {"past_key_values": cache}
+
+
+def output_cache(out):
+    """The KV cache a Hugging Face model output carries (``cache``, or ``past_key_values`` before)."""
+    keys = out.keys()
+    return out["cache"] if "cache" in keys else out["past_key_values"]
+
+
 def export(module, args: tuple, path: str | os.PathLike, input_names: Sequence[str], output_names: Sequence[str],
-           form: str, what: str) -> Path:
-    """``torch.onnx.export(dynamo=True)`` of ``module`` with every input's axes 0 and 1 dynamic.
+           form: str, what: str, dynamic_shapes=None) -> Path:
+    """``torch.onnx.export(dynamo=True)`` of ``module`` with every input's axes 0 and 1 dynamic (or
+    ``dynamic_shapes`` as ``torch.export`` takes it).
 
     Args:
         module: a ``torch.nn.Module`` whose attention was set to ``form``'s implementation.
@@ -104,7 +119,7 @@ def export(module, args: tuple, path: str | os.PathLike, input_names: Sequence[s
     _, opset = EXPORT_FORMS[form]
     path = Path(path)
     auto = torch.export.Dim.AUTO
-    dynamic = {name: {0: auto, 1: auto} for name in input_names}
+    dynamic = dynamic_shapes or {name: {0: auto, 1: auto} for name in input_names}
     size = sum(p.numel() * p.element_size() for p in module.parameters())
     log = io.StringIO()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" etc.

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from eet.errors import EetError
-from eet.exporter.common import (EXPORT_FORMS, check_model_directory, export, quiet_transformers,
-                                 random_config, set_attention)
+from eet.exporter.common import (EXPORT_FORMS, cache_kwargs, check_model_directory, export, output_cache,
+                                 quiet_transformers, random_config, set_attention)
 from eet.plugins.spec import HEAD_DIMS
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -127,6 +127,62 @@ def example_inputs(batch: int = 2, seq: int = 8, vocab: int = 100):
     mask[1:, : seq // 2] = 0
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids, mask, positions
+
+
+class _PastWrapper:
+    """``forward(input_ids, attention_mask, position_ids, *past) -> (last-position logits, *presents)``: one
+    step with the KV cache as plain tensors, ``past`` = key, value of layer 0, then layer 1, ..."""
+
+    def __new__(cls, model):
+        import torch
+        from transformers import DynamicCache
+
+        layers = model.config.n_layer
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, input_ids, attention_mask, position_ids, *past):
+                cache = DynamicCache()
+                for layer in range(layers):
+                    cache.update(past[2 * layer], past[2 * layer + 1], layer)
+                out = self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=True, **cache_kwargs(self.m, cache))
+                presents = []
+                for layer in output_cache(out).layers:
+                    presents += [layer.keys, layer.values]
+                return (out.logits[:, -1], *presents)
+
+        return Wrapper(model).eval()
+
+
+def past_names(num_layers: int, prefix: str = "past") -> list[str]:
+    """``past_key.0, past_value.0, past_key.1, ...`` (or ``present_...``)."""
+    return [f"{prefix}_{kind}.{layer}" for layer in range(num_layers) for kind in ("key", "value")]
+
+
+def export_onnx_with_past(loaded: LoadedGpt2, path: str | os.PathLike) -> Path:
+    """The export a TensorRT user writes without EET, for the decode step: inputs ``input_ids``,
+    ``position_ids`` (int64 [B, S]), ``attention_mask`` (int64 [B, P + S]) and per layer ``past_key.l`` /
+    ``past_value.l`` (float32 [B, heads, P, head_dim]); outputs the last position's ``logits`` [B, V] and
+    ``present_key.l`` / ``present_value.l`` [B, heads, P + S, head_dim] (the past concatenated with the new
+    keys and values). Eager attention: the SDPA form does not export with a dynamic past (``is_causal``
+    becomes symbolic)."""
+    import torch
+
+    set_attention(loaded.model, "eager")
+    cfg = loaded.config
+    ids, mask, positions = example_inputs(vocab=min(cfg.vocab_size, 100))
+    batch, past_len = ids.shape[0], 5
+    past = tuple(torch.randn(batch, cfg.n_head, past_len, loaded.head_dim) for _ in range(2 * cfg.n_layer))
+    mask = torch.cat([torch.ones(batch, past_len, dtype=torch.int64), mask], dim=1)
+    auto = torch.export.Dim.AUTO
+    dynamic = ({0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto}, tuple({0: auto, 2: auto} for _ in past))
+    return export(_PastWrapper(loaded.model), (ids, mask, positions + past_len, *past), path,
+                  [*INPUT_NAMES, *past_names(cfg.n_layer)], [OUTPUT_NAME, *past_names(cfg.n_layer, "present")],
+                  "eager", "GPT-2 with past", dynamic_shapes=dynamic)
 
 
 def export_onnx(loaded: LoadedGpt2, path: str | os.PathLike, form: str = "sdpa") -> Path:

@@ -10,7 +10,9 @@ BERT (a ragged batch of ``--batch`` sequences with lengths U[``--min-len``, ``--
 
 GPT-2 (``--batch`` prompts with lengths U[``--min-len``, ``--max-len``), ``--new-tokens`` generated):
   - a decode step at past length ``--past`` for the whole batch: EET engine (CUDA-graph replay, device time;
-    and one host-driven step with its copies), Hugging Face (one forward with a KV cache of that length);
+    and one host-driven step with its copies), Hugging Face (one forward with a KV cache of that length), and
+    the plain TensorRT engine of the export with the KV cache as inputs and outputs (``plain.plan``, built by
+    ``eet build gpt2 --plain-baseline``);
   - ``generate()``: new tokens/s for the batch, EET vs Hugging Face ``generate`` (greedy, left-padded).
 
 Times are medians of ``--iters`` runs after warm-up (CUDA events for device times, perf_counter with a
@@ -140,7 +142,30 @@ def bench_bert(engine, args, out=print, deserialize_hook=None) -> list[dict]:
     return rows
 
 
-def bench_gpt2(engine, args, out=print) -> list[dict]:
+def plain_decode_step_ms(engine, batch: int, past: int, args, deserialize_hook=None) -> float:
+    """Device time of one decode step of ``DIR/plain.plan`` (``eet build gpt2 --plain-baseline``): ``batch``
+    rows, one new token each, a past of ``past`` positions fed as inputs (random values)."""
+    from eet.runtime.engine import load_plain
+
+    rng = np.random.default_rng(args.seed)
+    with load_plain(engine.directory, specialization=args.specialization,
+                    deserialize_hook=deserialize_hook) as plain:
+        ctx = plain.contexts[0]
+        heads, _, head_dim = engine.cache_geometry
+        host = {"input_ids": rng.integers(0, engine.limits.vocab_size, (batch, 1)),
+                "attention_mask": np.ones((batch, past + 1)), "position_ids": np.full((batch, 1), past)}
+        for name in plain.input_names:
+            value = host.get(name)
+            if value is None:  # past_key.l / past_value.l
+                value = rng.standard_normal((batch, heads, past, head_dim))
+            arr = np.ascontiguousarray(value.astype(plain.io[name].dtype))
+            plain.upload(ctx, name, arr)
+            ctx.set_shapes({name: arr.shape})
+        ctx.stream.synchronize()
+        return median_ms(ctx.execute, args.iters, events=_pycuda_events(plain, ctx))
+
+
+def bench_gpt2(engine, args, out=print, deserialize_hook=None) -> list[dict]:
     lim = engine.limits
     rng = np.random.default_rng(args.seed)
     batch = min(args.batch, lim.max_batch)
@@ -164,19 +189,26 @@ def bench_gpt2(engine, args, out=print) -> list[dict]:
     rows.append({"case": f"EET decode step, device (graphs: {engine.graphs})", "ms": step_ms})
     rows.append({"case": "EET decode step, host-driven (copies + sync)", "ms": host_ms})
     # Hugging Face decode step with a KV cache of `past`
+    from eet.exporter.common import cache_kwargs, output_cache
+
     model, torch = _hf_model(engine.info, dtype)
     with torch.no_grad():
         t_ids = torch.tensor(prompts, device="cuda")
-        cache = model(input_ids=t_ids, use_cache=True).past_key_values
+        cache = output_cache(model(input_ids=t_ids, use_cache=True))
         nxt = torch.zeros((batch, 1), dtype=torch.long, device="cuda")
         mask = torch.ones((batch, past + 1), dtype=torch.long, device="cuda")
 
         def hf_step():
-            model(input_ids=nxt, past_key_values=cache, attention_mask=mask, use_cache=True)
+            model(input_ids=nxt, attention_mask=mask, use_cache=True, **cache_kwargs(model, cache))
             cache.crop(past)
 
         hf_step_ms = median_ms(hf_step, args.iters, events=_torch_events(torch))
     rows.append({"case": f"Hugging Face decode step (SDPA, {dtype})", "ms": hf_step_ms})
+    if (engine.directory / "plain.plan").is_file():
+        rows.append({"case": "plain TensorRT engine decode step (no EET rewrite: past in, presents out)",
+                     "ms": plain_decode_step_ms(engine, batch, past, args, deserialize_hook)})
+    else:
+        out("(plain TensorRT baseline skipped: build with `eet build gpt2 --plain-baseline`)")
     for r in rows:
         r["speedup_vs_hf"] = hf_step_ms / r["ms"]
     # generate: new tokens/s
@@ -264,7 +296,7 @@ def main(argv: list[str] | None = None, deserialize_hook=None) -> int:
             rows = bench_bert(engine, args, deserialize_hook=deserialize_hook)
         else:
             args.min_len = 16 if args.min_len is None else args.min_len
-            rows = bench_gpt2(engine, args)
+            rows = bench_gpt2(engine, args, deserialize_hook=deserialize_hook)
     print(f"kernel specialization: {args.specialization}")
     print(table(rows))
     if args.json:

@@ -229,11 +229,11 @@ def build_bert(o: BertBuildOptions, progress: Callable[[str], None] = print) -> 
     return out
 
 
-def build_plain_bert(original: Path, out: Path, o: BertBuildOptions) -> Path:
-    """The peer to beat: ``original.onnx`` (padded [B, S] inputs, attention mask, no EET plugin) built as a
-    TensorRT engine in the same precision (``plain.onnx``, ``plain.plan``), one profile up to
-    ``max_batch`` x ``max_seq``. fp16: the same conversion as the EET graph (LayerNorm in fp32), with float
-    constants clamped to the fp16 range first (the mask's finfo(float32).min would become -inf)."""
+def build_plain(source: Path, out: Path, dtype: str, shapes: dict, tf32: bool = False) -> Path:
+    """The peer to beat: a plain export (no EET plugin) built as a TensorRT engine in the same precision
+    (``plain.onnx``, ``plain.plan``), one profile of ``shapes`` (input name -> (min, opt, max)). fp16: the same
+    conversion as the EET graph (LayerNorm in fp32), with float constants clamped to the fp16 range first
+    (a mask's finfo(float32).min would become -inf)."""
     import numpy as np
     import onnx
     import onnx_graphsurgeon as gs
@@ -241,8 +241,8 @@ def build_plain_bert(original: Path, out: Path, o: BertBuildOptions) -> Path:
     from eet.exporter.rewrite import forget_intermediate_shapes, to_fp16
     from eet.runtime.build import Profile, build_engine
 
-    graph = gs.import_onnx(onnx.load(str(original)))
-    if o.dtype == "fp16":
+    graph = gs.import_onnx(onnx.load(str(source)))
+    if dtype == "fp16":
         limit = float(np.finfo(np.float16).max)
         for tensor in graph.tensors().values():
             if isinstance(tensor, gs.Constant) and tensor.values.dtype == np.float32:
@@ -256,12 +256,21 @@ def build_plain_bert(original: Path, out: Path, o: BertBuildOptions) -> Path:
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     path = out / "plain.onnx"
     onnx.save(gs.export_onnx(graph), str(path))
-    opt_seq = min(o.max_seq, 128)
-    rows = ((1, 1), (max(1, min(o.max_batch, o.opt // opt_seq)), opt_seq), (o.max_batch, o.max_seq))
-    built = build_engine(path, [Profile("padded", {t.name: rows for t in graph.inputs})], tf32=o.tf32)
+    built = build_engine(path, [Profile("plain", shapes)], tf32=tf32)
     plan = out / "plain.plan"
     plan.write_bytes(built.plan)
     return plan
+
+
+def build_plain_bert(original: Path, out: Path, o: BertBuildOptions) -> Path:
+    """``original.onnx`` (padded [B, S] inputs with the attention mask) as a plain engine, up to
+    ``max_batch`` x ``max_seq`` (see :func:`build_plain`)."""
+    import onnx
+
+    opt_seq = min(o.max_seq, 128)
+    rows = ((1, 1), (max(1, min(o.max_batch, o.opt // opt_seq)), opt_seq), (o.max_batch, o.max_seq))
+    names = [i.name for i in onnx.load(str(original), load_external_data=False).graph.input]
+    return build_plain(original, out, o.dtype, {name: rows for name in names}, o.tf32)
 
 
 @dataclass
@@ -279,6 +288,7 @@ class Gpt2BuildOptions:
     seed: int = 0
     sample_candidates: int = 0
     tf32: bool = False
+    plain_baseline: bool = False
     verbose: bool = False
 
     def validate(self, max_positions: int | None = None, vocab_size: int | None = None) -> None:
@@ -347,6 +357,9 @@ def build_gpt2(o: Gpt2BuildOptions, progress: Callable[[str], None] = print) -> 
     profiles = gpt2_profiles(o, cfg.n_layer, cfg.n_head, loaded.head_dim)
     built = _write_engine(stage, out, rewritten, profiles, PREPAD_ATTENTION, cfg.n_layer, tf32=o.tf32,
                           aliased_io=True, verbose=o.verbose)
+    if o.plain_baseline:
+        plain = build_plain_gpt2(loaded, out, o)
+        progress(f"      plain baseline (no EET rewrite): {plain.name} ({plain.stat().st_size / 1e6:.1f} MB)")
     stage(5, "writing the sidecar")
     _sidecar(out, family="gpt2", loaded=loaded, dtype=o.dtype, built=built, profiles=profiles,
              spec=PREPAD_ATTENTION, options=asdict(o), opset=opset,
@@ -372,6 +385,29 @@ def build_gpt2(o: Gpt2BuildOptions, progress: Callable[[str], None] = print) -> 
     return out
 
 
+def build_plain_gpt2(loaded, out: Path, o: Gpt2BuildOptions) -> Path:
+    """The decode step as a TensorRT user writes it without EET: the export with the KV cache as inputs and
+    outputs (:func:`eet.exporter.gpt2.export_onnx_with_past`), the past concatenated with the new keys every
+    step and the cache copied out, built as a plain engine for one token per row and a past of 1 ..
+    ``max_len - 1`` (see :func:`build_plain`)."""
+    from eet.exporter import gpt2
+
+    cfg = loaded.config
+    source = gpt2.export_onnx_with_past(loaded, out / "plain-export.onnx")
+    opt_b, opt_past = max(1, o.max_batch // 2), min(512, o.max_len - 1)
+    token = ((1, 1), (opt_b, 1), (o.max_batch, 1))
+    shapes = {"input_ids": token, "position_ids": token,
+              "attention_mask": ((1, 2), (opt_b, opt_past + 1), (o.max_batch, o.max_len))}
+    for name in gpt2.past_names(cfg.n_layer):
+        shapes[name] = ((1, cfg.n_head, 1, loaded.head_dim), (opt_b, cfg.n_head, opt_past, loaded.head_dim),
+                        (o.max_batch, cfg.n_head, o.max_len - 1, loaded.head_dim))
+    try:
+        return build_plain(source, out, o.dtype, shapes, o.tf32)
+    finally:
+        for leftover in out.glob("plain-export.onnx*"):
+            leftover.unlink()
+
+
 def gpt2_parser() -> argparse.ArgumentParser:
     d = Gpt2BuildOptions()
     p = argparse.ArgumentParser(prog="eet build gpt2", description=build_gpt2.__doc__)
@@ -392,6 +428,9 @@ def gpt2_parser() -> argparse.ArgumentParser:
                    help="also sample in the engine (temperature / top-k / top-p) among the K most likely tokens; "
                    "0 (default): greedy only")
     p.add_argument("--tf32", action="store_true", help="let fp32 GEMMs use TF32")
+    p.add_argument("--plain-baseline", action="store_true", help="also build the decode step of the plain export "
+                   "with the KV cache as inputs/outputs (no EET rewrite) as plain.plan, the baseline `eet bench` "
+                   "compares with")
     p.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
     return p
 

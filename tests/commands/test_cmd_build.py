@@ -133,3 +133,29 @@ def test_tensorrt_missing_says_how_to_install(monkeypatch, tmp_path):
             build_bert(BertBuildOptions(config="bert-tiny", out=str(tmp_path / "o")))
     finally:
         trt.load.cache_clear()
+
+
+def test_build_with_plain_baseline(tmp_path, tiny_config_file):
+    """--plain-baseline also builds the padded export without the EET rewrite (the peer `eet bench` compares
+    with), in the engine's precision, and its fp16 graph stays finite on padded rows (the mask's large negative
+    constants are clamped to the fp16 range)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    out = tmp_path / "plain"
+    assert main(["build", "bert", "--config", str(tiny_config_file), "--out", str(out), "--dtype", "fp16",
+                 "--plain-baseline", *SMALL]) == 0
+    assert (out / "plain.plan").stat().st_size > 0
+    plain = onnx.load(str(out / "plain.onnx"))
+    assert not any(n.domain == "eet" for n in plain.graph.node)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 1000, (3, 20))
+    mask = np.ones((3, 20), np.int64)
+    mask[0, 7:] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
+             "position_ids": np.tile(np.arange(20), (3, 1))}
+    (want,) = ort.InferenceSession(str(out / "original.onnx")).run(None, feeds)
+    (got,) = ort.InferenceSession(str(out / "plain.onnx")).run(None, feeds)
+    assert got.dtype == np.float16 and np.isfinite(got).all()
+    real = mask.astype(bool)
+    assert np.abs(got.astype(np.float64) - want)[real].max() <= 2e-2 * max(1.0, np.abs(want).max())

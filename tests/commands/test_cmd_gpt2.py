@@ -124,3 +124,22 @@ def test_bad_sample_candidates(candidates, message):
         Gpt2BuildOptions(sample_candidates=candidates).validate()
     with pytest.raises(EetError, match="exceeds the vocabulary"):
         Gpt2BuildOptions(sample_candidates=600).validate(vocab_size=500)
+
+
+def test_build_with_plain_baseline(tmp_path):
+    """--plain-baseline also builds the decode step of the plain export (KV cache in and out, no EET plugin)
+    in the engine's precision: plain.onnx has no EET node and fp16 caches, plain.plan is written."""
+    import onnx
+
+    (tmp_path / "config.json").write_text(json.dumps(dict(model_type="gpt2", vocab_size=500, n_embd=128, n_layer=2,
+                                                          n_head=2, n_positions=128)))
+    out = tmp_path / "engine"
+    assert main(["build", "gpt2", "--config", str(tmp_path / "config.json"), "--out", str(out), "--dtype", "fp16",
+                 "--plain-baseline", *SIZES]) == 0
+    plain = onnx.load(str(out / "plain.onnx"))
+    inputs = {i.name: i.type.tensor_type.elem_type for i in plain.graph.input}
+    assert inputs["past_key.1"] == onnx.TensorProto.FLOAT16 and inputs["input_ids"] == onnx.TensorProto.INT64
+    assert [o.name for o in plain.graph.output] == ["logits", "present_key.0", "present_value.0", "present_key.1",
+                                                    "present_value.1"]
+    assert not any(n.domain == "eet" for n in plain.graph.node)
+    assert (out / "plain.plan").stat().st_size > 0 and not list(out.glob("plain-export*"))

@@ -158,3 +158,39 @@ def test_sampling_in_the_graph(exported_gpt2, rng, temperature, top_k, top_p):
     assert again == tokens  # the seed fixes the draws
     greedy_tokens, _ = greedy(step, prompts, 8)  # temperature 0: the greedy token
     assert greedy_tokens == hf_alone(exported_gpt2("sdpa")[0].model, prompts, 8)
+
+
+def test_export_with_past_matches_huggingface(gpt2_config_file, tmp_path, rng):
+    """The plain baseline's export (KV cache as inputs and outputs): one decode step in ONNX Runtime equals
+    Hugging Face's step with the same cache, logits and presents, on a left-padded batch."""
+    import onnxruntime as ort
+    import torch
+
+    from eet.exporter.common import cache_kwargs, output_cache
+
+    loaded = gpt2.load_gpt2(config=str(gpt2_config_file))
+    path = gpt2.export_onnx_with_past(loaded, tmp_path / "with-past.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask", "position_ids",
+                                                      *gpt2.past_names(LAYERS)]
+    batch, past = 3, int(rng.integers(2, 20))
+    ids = torch.from_numpy(rng.integers(0, 500, (batch, past)))
+    mask = torch.ones(batch, past + 1, dtype=torch.long)
+    mask[1, : past // 2] = 0  # a left-padded row
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    new = torch.from_numpy(rng.integers(0, 500, (batch, 1)))
+    model = loaded.model
+    with torch.no_grad():
+        cache = output_cache(model(input_ids=ids, attention_mask=mask[:, :past], position_ids=positions[:, :past],
+                                   use_cache=True))
+        feeds = {name: t.numpy() for name, t in zip(gpt2.past_names(LAYERS),
+                                                    [x for layer in cache.layers for x in (layer.keys, layer.values)])}
+        step = model(input_ids=new, attention_mask=mask, position_ids=positions[:, past:], use_cache=True,
+                     **cache_kwargs(model, cache))
+    got = session.run(None, {"input_ids": new.numpy(), "attention_mask": mask.numpy(),
+                             "position_ids": positions[:, past:].numpy(), **feeds})
+    want = [step.logits[:, -1].numpy()] + [x.numpy() for layer in output_cache(step).layers
+                                            for x in (layer.keys, layer.values)]
+    assert got[1].shape == (batch, HEADS, past + 1, HEAD_DIM)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
