@@ -309,18 +309,12 @@ def load(directory: str | Path, *, device: int = 0, cuda_graphs: str = "auto", s
     Raises:
         EetError: see the module docstring.
     """
-    from eet import trt as trt_compat
     from eet.runtime import sidecar
     from eet.runtime.device import Device
 
     folder = Path(directory)
     info = sidecar.read(folder)
-    wanted = (info.get("tensorrt") or {}).get("flavour")
-    try:
-        trt = trt_compat.load(wanted if wanted in trt_compat.FLAVOURS else None)
-    except EetError:
-        trt = trt_compat.load()  # check_compatible names what is installed and what the plan needs
-    check_compatible(info, trt.flavour, trt.version)
+    trt = _tensorrt_for(info)
     from eet.plugins import _lib
 
     try:
@@ -338,6 +332,20 @@ def load(directory: str | Path, *, device: int = 0, cuda_graphs: str = "auto", s
     except BaseException:
         dev.close()
         raise
+
+
+def _tensorrt_for(info: Mapping):
+    """The installed TensorRT flavour the plan of sidecar ``info`` was built with, checked by
+    :func:`check_compatible` (which names what is installed and what the plan needs when they differ)."""
+    from eet import trt as trt_compat
+
+    wanted = (info.get("tensorrt") or {}).get("flavour")
+    try:
+        trt = trt_compat.load(wanted if wanted in trt_compat.FLAVOURS else None)
+    except EetError:
+        trt = trt_compat.load()
+    check_compatible(info, trt.flavour, trt.version)
+    return trt
 
 
 def _deserialize(trt, dev, plan: Path, hook):
@@ -359,7 +367,6 @@ def load_plain(directory: str | Path, *, device: int = 0, specialization: str = 
                deserialize_hook: Callable[[], ContextManager] | None = None) -> Engine:
     """The plain baseline ``DIR/plain.plan`` (``eet build bert --plain-baseline``) as a generic :class:`Engine`
     (contexts, buffers and transfers, no encode()): what `eet bench` compares the EET engine with."""
-    from eet import trt as trt_compat
     from eet.runtime import sidecar
     from eet.runtime.device import Device
 
@@ -368,8 +375,7 @@ def load_plain(directory: str | Path, *, device: int = 0, specialization: str = 
     plan = folder / "plain.plan"
     if not plan.is_file():
         raise EetError(f"{folder} has no plain.plan: build with `eet build bert --plain-baseline`")
-    trt = trt_compat.load(info["tensorrt"]["flavour"])
-    check_compatible(info, trt.flavour, trt.version)
+    trt = _tensorrt_for(info)
     dev = Device(device)
     try:
         trt_engine, log = _deserialize(trt, dev, plan, deserialize_hook)

@@ -119,20 +119,9 @@ def bench_bert(engine, args, out=print, deserialize_hook=None) -> list[dict]:
     torch.cuda.empty_cache()
     # the plain TensorRT engine (no EET rewrite), padded batch with mask
     if (engine.directory / "plain.plan").is_file():
-        from eet.runtime.engine import load_plain
-
-        with load_plain(engine.directory, specialization=args.specialization,
-                        deserialize_hook=deserialize_hook) as plain:
-            pctx = plain.contexts[0]
-            host = {"input_ids": ids.cpu().numpy(), "attention_mask": mask.cpu().numpy(),
-                    "token_type_ids": np.zeros_like(ids.cpu().numpy()),
-                    "position_ids": np.tile(np.arange(s), (len(seqs), 1))}
-            for name in plain.input_names:
-                arr = np.ascontiguousarray(host[name].astype(plain.io[name].dtype))
-                plain.upload(pctx, name, arr)
-                pctx.set_shapes({name: arr.shape})
-            pctx.stream.synchronize()
-            plain_ms = median_ms(pctx.execute, args.iters, events=_pycuda_events(plain, pctx))
+        host = {"input_ids": ids.cpu().numpy(), "attention_mask": mask.cpu().numpy(),
+                "token_type_ids": np.zeros_like(ids.cpu().numpy()), "position_ids": np.tile(np.arange(s), (len(seqs), 1))}
+        plain_ms = plain_engine_ms(engine.directory, lambda names: host, args, deserialize_hook)
         rows.append({"case": "plain TensorRT engine (no EET rewrite, padded)", "ms": plain_ms})
     else:
         out("(plain TensorRT baseline skipped: build with `eet build bert --plain-baseline`)")
@@ -142,27 +131,34 @@ def bench_bert(engine, args, out=print, deserialize_hook=None) -> list[dict]:
     return rows
 
 
-def plain_decode_step_ms(engine, batch: int, past: int, args, deserialize_hook=None) -> float:
-    """Device time of one decode step of ``DIR/plain.plan`` (``eet build gpt2 --plain-baseline``): ``batch``
-    rows, one new token each, a past of ``past`` positions fed as inputs (random values)."""
+def plain_engine_ms(directory, inputs: Callable[[list[str]], dict], args, deserialize_hook=None) -> float:
+    """Device time (CUDA events, median of ``args.iters``) of one call of ``DIR/plain.plan`` (``eet build
+    --plain-baseline``) on ``inputs(input names)``: name -> array, cast to the engine's dtypes."""
     from eet.runtime.engine import load_plain
 
-    rng = np.random.default_rng(args.seed)
-    with load_plain(engine.directory, specialization=args.specialization,
-                    deserialize_hook=deserialize_hook) as plain:
+    with load_plain(directory, specialization=args.specialization, deserialize_hook=deserialize_hook) as plain:
         ctx = plain.contexts[0]
-        heads, _, head_dim = engine.cache_geometry
-        host = {"input_ids": rng.integers(0, engine.limits.vocab_size, (batch, 1)),
-                "attention_mask": np.ones((batch, past + 1)), "position_ids": np.full((batch, 1), past)}
-        for name in plain.input_names:
-            value = host.get(name)
-            if value is None:  # past_key.l / past_value.l
-                value = rng.standard_normal((batch, heads, past, head_dim))
+        for name, value in inputs(plain.input_names).items():
             arr = np.ascontiguousarray(value.astype(plain.io[name].dtype))
             plain.upload(ctx, name, arr)
             ctx.set_shapes({name: arr.shape})
         ctx.stream.synchronize()
         return median_ms(ctx.execute, args.iters, events=_pycuda_events(plain, ctx))
+
+
+def plain_decode_step_ms(engine, batch: int, past: int, args, deserialize_hook=None) -> float:
+    """:func:`plain_engine_ms` of the GPT-2 plain decode step: ``batch`` rows, one new token each, a past of
+    ``past`` positions fed as inputs (random values)."""
+    rng = np.random.default_rng(args.seed)
+    heads, _, head_dim = engine.cache_geometry
+    token = {"input_ids": rng.integers(0, engine.limits.vocab_size, (batch, 1)),
+             "attention_mask": np.ones((batch, past + 1)), "position_ids": np.full((batch, 1), past)}
+
+    def inputs(names):  # the rest are past_key.l / past_value.l
+        return {name: token[name] if name in token else rng.standard_normal((batch, heads, past, head_dim))
+                for name in names}
+
+    return plain_engine_ms(engine.directory, inputs, args, deserialize_hook)
 
 
 def bench_gpt2(engine, args, out=print, deserialize_hook=None) -> list[dict]:

@@ -211,15 +211,61 @@ def run_check_gpt2(directory: str | Path, batch: int = 4, max_len: int = 24, new
     return ok
 
 
+def ort_bert(folder: Path, info: dict, rb: RaggedBatch) -> np.ndarray:
+    """``original.onnx`` in ONNX Runtime (CPU) on the padded batch: last_hidden_state [B, S, H]."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(folder / info["files"]["original_onnx"]), providers=["CPUExecutionProvider"])
+    (hidden,) = session.run(None, {"input_ids": rb.ids, "attention_mask": rb.mask,
+                                   "token_type_ids": rb.token_types, "position_ids": rb.positions})
+    return hidden
+
+
+def compare_bert_runs(runs: dict, comparisons, out) -> bool:
+    """Polygraphy's comparator over named runs of BERT outputs (``hidden_states``, ``first_token_states``).
+
+    Args:
+        runs: runner name -> {output name: array}, in order.
+        comparisons: (runner index, reference runner index, (atol, rtol)) triples; a pair passes where every
+            element is finite and ``|a - b| <= atol + rtol * |b|``.
+        out: prints one row per comparison and output.
+
+    Returns:
+        True when every comparison passes.
+    """
+    from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
+    from polygraphy.comparator.struct import IterationResult
+    from polygraphy.logger import G_LOGGER
+
+    results = RunResults()
+    for name, outputs in runs.items():
+        results.append((name, [IterationResult(outputs=outputs, runner_name=name)]))
+    G_LOGGER.module_severity = G_LOGGER.WARNING
+    names = list(runs)
+    ok = True
+    out(f"{'comparison':<32} {'output':<19} {'max abs':>10} {'max rel':>10} {'atol':>7} {'rtol':>7}  verdict")
+    for i, j, (atol, rtol) in comparisons:
+        verdict = Comparator.compare_accuracy(
+            results, comparisons=[(i, j)],
+            compare_func=SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat="elemwise"))
+        ok &= bool(verdict)
+        for output in ("hidden_states", "first_token_states"):
+            a = runs[names[i]][output].astype(np.float64)
+            b = runs[names[j]][output].astype(np.float64)
+            diff = np.abs(a - b)
+            passed = bool(np.isfinite(a).all() and (diff <= atol + rtol * np.abs(b)).all())
+            ok &= passed
+            out(f"{names[i] + ' vs ' + names[j]:<32} {output:<19} {diff.max():>10.3e} "
+                f"{(diff / np.maximum(np.abs(b), 1e-6)).max():>10.3e} {atol:>7.0e} {rtol:>7.0e}  "
+                f"{'PASS' if passed else 'FAIL'}")
+    return ok
+
+
 def run_check(directory: str | Path, batch: int = 6, max_len: int = 64, seed: int | None = None,
               out=print) -> bool:
     """Run the three models on one ragged batch and compare; returns True on PASS."""
     import onnx
-    import onnxruntime as ort
     import torch
-    from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
-    from polygraphy.comparator.struct import IterationResult
-    from polygraphy.logger import G_LOGGER
 
     from eet.plugins import onnx_reference
     from eet.runtime import sidecar
@@ -245,9 +291,7 @@ def run_check(directory: str | Path, batch: int = 6, max_len: int = 64, seed: in
         hf = loaded.model(input_ids=torch.from_numpy(rb.ids), attention_mask=torch.from_numpy(rb.mask),
                           token_type_ids=torch.from_numpy(rb.token_types),
                           position_ids=torch.from_numpy(rb.positions)).last_hidden_state.numpy()
-    session = ort.InferenceSession(str(folder / info["files"]["original_onnx"]), providers=["CPUExecutionProvider"])
-    (ort_out,) = session.run(None, {"input_ids": rb.ids, "attention_mask": rb.mask,
-                                    "token_type_ids": rb.token_types, "position_ids": rb.positions})
+    ort_out = ort_bert(folder, info, rb)
     evaluator = onnx_reference.evaluator(onnx.load(str(folder / info["files"]["onnx"])))
     hidden, first = evaluator.run(None, rb.packed_feeds())
 
@@ -257,29 +301,9 @@ def run_check(directory: str | Path, batch: int = 6, max_len: int = 64, seed: in
     runs = {"huggingface": packed(hf), "onnxruntime": packed(ort_out),
             "eet-reference": {"hidden_states": hidden.astype(np.float32),
                               "first_token_states": first.astype(np.float32)}}
-    results = RunResults()
-    for name, outputs in runs.items():
-        results.append((name, [IterationResult(outputs=outputs, runner_name=name)]))
-    G_LOGGER.module_severity = G_LOGGER.WARNING
     # (runner, reference runner, tolerances): the export itself is fp32, the rewritten graph has the engine's dtype
     comparisons = [(1, 0, TOLERANCES["fp32"]), (2, 0, TOLERANCES[info["dtype"]]), (2, 1, TOLERANCES[info["dtype"]])]
-    names = list(runs)
-    ok = True
-    out(f"{'comparison':<32} {'output':<19} {'max abs':>10} {'max rel':>10} {'atol':>7} {'rtol':>7}  verdict")
-    for i, j, (atol, rtol) in comparisons:
-        verdict = Comparator.compare_accuracy(
-            results, comparisons=[(i, j)],
-            compare_func=SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat="elemwise"))
-        ok &= bool(verdict)
-        for output in ("hidden_states", "first_token_states"):
-            a = runs[names[i]][output].astype(np.float64)
-            b = runs[names[j]][output].astype(np.float64)
-            diff = np.abs(a - b)
-            passed = bool((diff <= atol + rtol * np.abs(b)).all())
-            ok &= passed
-            out(f"{names[i] + ' vs ' + names[j]:<32} {output:<19} {diff.max():>10.3e} "
-                f"{(diff / np.maximum(np.abs(b), 1e-6)).max():>10.3e} {atol:>7.0e} {rtol:>7.0e}  "
-                f"{'PASS' if passed else 'FAIL'}")
+    ok = compare_bert_runs(runs, comparisons, out)
     out("PASS" if ok else "FAIL")
     out("note: the TensorRT engine was not executed by this check (no TensorRT-capable GPU is used); "
         "it checks the graph the engine was built from, with the plugins' references")
@@ -307,10 +331,6 @@ def run_check_engine(directory: str | Path, batch: int, max_len: int, seed: int 
     step's logits must be within that tolerance."""
     import eet.runtime
 
-    from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
-    from polygraphy.comparator.struct import IterationResult
-    from polygraphy.logger import G_LOGGER
-
     folder = Path(directory)
     seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else seed
     rng = np.random.default_rng(seed)
@@ -318,8 +338,6 @@ def run_check_engine(directory: str | Path, batch: int, max_len: int, seed: int 
         out(f"executing {engine.describe()}")
         info, dtype = engine.info, engine.info["dtype"]
         if engine.family == "bert":
-            import onnxruntime as ort
-
             if batch > engine.limits.max_batch or max_len > engine.limits.max_seq:
                 raise EetError(f"--batch {batch} / --max-len {max_len} exceed the engine's --max-batch "
                                f"{engine.limits.max_batch} / --max-seq {engine.limits.max_seq}")
@@ -327,29 +345,11 @@ def run_check_engine(directory: str | Path, batch: int, max_len: int, seed: int 
             rb = ragged_batch(rng, batch, max_len, cfg["vocab_size"], cfg.get("type_vocab_size", 2))
             out(f"ragged batch: seed {seed}, {batch} sequences, lengths {rb.lengths.tolist()}")
             hidden, first = engine.run_packed(rb.packed_feeds())
-            session = ort.InferenceSession(str(folder / info["files"]["original_onnx"]),
-                                           providers=["CPUExecutionProvider"])
-            (ref,) = session.run(None, {"input_ids": rb.ids, "attention_mask": rb.mask,
-                                        "token_type_ids": rb.token_types, "position_ids": rb.positions})
+            ref = ort_bert(folder, info, rb)
             runs = {"onnxruntime": {"hidden_states": rb.unpad(ref), "first_token_states": ref[:, 0].copy()},
                     "eet-engine": {"hidden_states": hidden.astype(np.float32),
                                    "first_token_states": first.astype(np.float32)}}
-            results = RunResults()
-            for name, outputs in runs.items():
-                results.append((name, [IterationResult(outputs=outputs, runner_name=name)]))
-            G_LOGGER.module_severity = G_LOGGER.WARNING
-            atol, rtol = ENGINE_TOLERANCES[dtype]
-            ok = bool(Comparator.compare_accuracy(results, comparisons=[(1, 0)], compare_func=SimpleCompareFunc(
-                atol=atol, rtol=rtol, check_error_stat="elemwise")))
-            out(f"{'comparison':<28} {'output':<19} {'max abs':>10} {'atol':>7} {'rtol':>7}  verdict")
-            for output in ("hidden_states", "first_token_states"):
-                a = runs["eet-engine"][output].astype(np.float64)
-                b = runs["onnxruntime"][output].astype(np.float64)
-                diff = np.abs(a - b)
-                passed = bool(np.isfinite(a).all() and (diff <= atol + rtol * np.abs(b)).all())
-                ok &= passed
-                out(f"{'eet-engine vs onnxruntime':<28} {output:<19} {diff.max():>10.3e} {atol:>7.0e} {rtol:>7.0e}"
-                    f"  {'PASS' if passed else 'FAIL'}")
+            ok = compare_bert_runs(runs, [(1, 0, ENGINE_TOLERANCES[dtype])], out)
         else:
             gen = info["generation"]
             prompts = random_prompts(rng, batch, max_len, gen["vocab_size"])
