@@ -7,7 +7,8 @@
 //     the key range), K and V double-buffered: tile i + 1 is in flight while tile i is used.
 //   - S = Q K^T with mma.sync.m16n8k16 (fp16 in, fp32 accumulate): Q fragments by ldmatrix (kept in
 //     registers for the whole key loop), K fragments by ldmatrix.
-//   - online softmax in registers, in the log2 domain (S * scale * log2(e), exp2f); each thread holds
+//   - online softmax in registers, in the log2 domain (2^(S * scale * log2(e) - max), one FFMA
+//     and one MUFU.EX2 per score, see softmax_exp2; a negative scale flips Q's sign instead); each thread holds
 //     2 rows per m16 tile (g and g + 8), row statistics are reduced over the 4 lanes of a quad.
 //   - P is converted to fp16 in registers and is directly the A operand of O += P V (the C fragment
 //     layout of m16n8 pairs is the A fragment layout of m16k16), V fragments by ldmatrix.trans.
@@ -78,6 +79,28 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
       "{%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 2^x with subnormal results flushed to zero (one MUFU.EX2; exp2f adds a range check and two
+// multiplies for subnormal results). The softmax weights are 2^(s - max) <= 1: a weight below 2^-126
+// is already far below what the fp32 row sum or the fp16 P can hold next to the row's weight of 1.
+// exp2(-inf) = +0, exp2(NaN) = NaN.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// The softmax exponential of a tile: exp2_ftz, except in the 32-rows-per-warp tiles that sit at 255
+// registers (head_dim 128; causal head_dim >= 64), where ptxas hoists the single-instruction
+// exponentials far enough to spill (sm_90, nvcc 13.0); exp2f's range check keeps them in place.
+template <bool kFast>
+__device__ __forceinline__ float softmax_exp2(float x) {
+  if constexpr (kFast) {
+    return exp2_ftz(x);
+  } else {
+    return exp2f(x);
+  }
 }
 
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
@@ -172,6 +195,7 @@ __device__ __forceinline__ void mma_attention_block(
   constexpr int kWarpRows = Cfg::kWarpRows;
   constexpr int kMT = Cfg::kMTiles;
   constexpr bool kQRegs = Cfg::kQInRegisters;
+  constexpr bool kFastExp = !(kMT == 2 && (D >= 128 || (kCausal && D >= 64)));
   constexpr int kKSteps = D / 16;       // k-steps of S = Q K^T
   constexpr int kNTiles = kBlockN / 8;  // 8-key column tiles of S
   constexpr int kDTiles = D / 8;        // 8-column tiles of O
@@ -225,6 +249,13 @@ __device__ __forceinline__ void mma_attention_block(
     constexpr uint32_t kMTileBytes = 16 * kLd * sizeof(__half);
 
     uint32_t qf[kQRegs ? kMT : 1][kQRegs ? kKSteps : 1][4];
+    // With Q in registers, scores are scaled inside the exponentials (one FFMA per element, as
+    // FlashAttention-2). That needs a positive scale: a negative one flips the sign of Q's fp16
+    // fragments instead (exact), a zero one becomes 1e-30 (finite scores then vanish against 1, as
+    // with 0). Otherwise (Q re-read per tile, register-bound tiles) S is scaled before the softmax.
+    constexpr bool kFusedScale = kQRegs;
+    const uint32_t q_sign = kFusedScale && scale_log2 < 0.f ? 0x80008000u : 0u;
+    const float scale = kFusedScale ? fmaxf(fabsf(scale_log2), 1e-30f) : 1.f;
 
     for (int it = 0; it < num_tiles; ++it) {
       const int buf = it & 1;
@@ -238,6 +269,8 @@ __device__ __forceinline__ void mma_attention_block(
 #pragma unroll
           for (int ks = 0; ks < kKSteps; ++ks) {
             ldmatrix_x4(qf[kQRegs ? mt : 0][kQRegs ? ks : 0], q_base + mt * kMTileBytes + ks * 32);
+#pragma unroll
+            for (int r = 0; r < 4; ++r) qf[kQRegs ? mt : 0][kQRegs ? ks : 0][r] ^= q_sign;
           }
         }
       }
@@ -275,17 +308,19 @@ __device__ __forceinline__ void mma_attention_block(
             }
           }
         }
-        // Scale to the log2 domain and mask. Element e of tile i of m-tile mt: local row
-        // warp_row0 + 16 mt + g + 8 (e >> 1), key n0 + 8 i + 2 t + (e & 1). The assignment also
-        // replaces a NaN from a NaN query row.
+        // Mask (with kFusedScale, scores stay unscaled until the exponentials). Element e of tile i of m-tile mt:
+        // local row warp_row0 + 16 mt + g + 8 (e >> 1), key n0 + 8 i + 2 t + (e & 1). The
+        // assignment also replaces a NaN from a NaN query row.
         const bool edge = n0 + kBlockN > n_end ||
                           (kCausal && n0 + kBlockN - 1 > causal_pos0 + warp_row0);
+        if constexpr (!kFusedScale) {
 #pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
+          for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-          for (int i = 0; i < kNTiles; ++i) {
+            for (int i = 0; i < kNTiles; ++i) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) s[mt][i][e] *= scale_log2;
+              for (int e = 0; e < 4; ++e) s[mt][i][e] *= scale_log2;
+            }
           }
         }
         if (edge) {
@@ -320,18 +355,18 @@ __device__ __forceinline__ void mma_attention_block(
           for (int r = 0; r < 2; ++r) {
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], 1));
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], 2));
-            const float m_new = fmaxf(m[mt][r], mx[r]);
+            const float m_new = fmaxf(m[mt][r], mx[r] * scale);  // log2 domain (-inf * scale = -inf)
             m_use[r] = m_new == -INFINITY ? 0.f : m_new;
-            rescale[r] = exp2f(m[mt][r] - m_use[r]);  // 0 while m = -inf
+            rescale[r] = softmax_exp2<kFastExp>(m[mt][r] - m_use[r]);  // 0 while m = -inf
             m[mt][r] = m_new;
           }
           float psum[2] = {0.f, 0.f};
 #pragma unroll
           for (int i = 0; i < kNTiles; ++i) {
-            s[mt][i][0] = exp2f(s[mt][i][0] - m_use[0]);  // 0 for masked keys
-            s[mt][i][1] = exp2f(s[mt][i][1] - m_use[0]);
-            s[mt][i][2] = exp2f(s[mt][i][2] - m_use[1]);
-            s[mt][i][3] = exp2f(s[mt][i][3] - m_use[1]);
+            s[mt][i][0] = softmax_exp2<kFastExp>(fmaf(s[mt][i][0], scale, -m_use[0]));  // 0 for masked keys
+            s[mt][i][1] = softmax_exp2<kFastExp>(fmaf(s[mt][i][1], scale, -m_use[0]));
+            s[mt][i][2] = softmax_exp2<kFastExp>(fmaf(s[mt][i][2], scale, -m_use[1]));
+            s[mt][i][3] = softmax_exp2<kFastExp>(fmaf(s[mt][i][3], scale, -m_use[1]));
             psum[0] += s[mt][i][0] + s[mt][i][1];
             psum[1] += s[mt][i][2] + s[mt][i][3];
           }

@@ -351,10 +351,13 @@ def test_long_sequences(dtype_name, head_dim):
     _run_case("fused", dtype_name, head_dim, lengths, num_heads=2, gen=gen)
 
 
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+@pytest.mark.parametrize("head_dim", [64, 96])
 @pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])
-def test_negative_scale(dtype_name):
+def test_non_positive_scale(dtype_name, head_dim, scale):
     """Any finite scale is allowed; with a negative one the row maximum of the scores is not that of
-    Q K^T."""
-    gen = _generator("scale", dtype_name)
+    Q K^T, with zero every key weighs the same. fp16, head_dim 64 scales inside the exponentials (Q's
+    sign flipped for a negative scale); head_dim 96 scales the scores first."""
+    gen = _generator("scale", dtype_name, head_dim)
     lengths = [300, 1, 65, 64]
-    _run_case("fused", dtype_name, 64, lengths, scale=-0.3, gen=gen)
+    _run_case("fused", dtype_name, head_dim, lengths, scale=scale, gen=gen)
