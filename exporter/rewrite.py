@@ -12,6 +12,10 @@ Q, K and V are traced back through head-splitting layout ops (Reshape, Transpose
 Identity; scalar Mul/Div folded into the scale) to the projections ``[B, S, hidden]``; the output is traced
 forward through the head-merging Transpose/Reshape to ``[B, S, hidden]``. The whole subgraph becomes one
 ``EetVarlenAttention`` node reading the projections and ``cu_seqlens``, and the mask computation dies.
+
+GPT-2 (:func:`rewrite_gpt2`) gets one ``EetPrePadAttention`` node per layer instead, which reads q, k and v
+from one fused tensor: the output of GPT-2's ``c_attn`` that the export cuts into thirds (:func:`fused_qkv`),
+or a ``Concat`` of the three projections where no such cut is found.
 """
 from __future__ import annotations
 
@@ -304,11 +308,141 @@ def replace_attention(graph, match: AttentionMatch, index: int, cu_seqlens, max_
     return node
 
 
+def _const_ints(tensor) -> list[int] | None:
+    """The values of a constant int tensor (initializer or Constant node) as a list, else None."""
+    import onnx_graphsurgeon as gs
+
+    if tensor is None:
+        return None
+    values = None
+    if isinstance(tensor, gs.Constant):
+        values = tensor.values
+    else:
+        node = _producer(tensor)
+        if node is not None and node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
+            values = node.attrs["value"].values
+    if values is None or not np.issubdtype(np.asarray(values).dtype, np.integer):
+        return None
+    return [int(v) for v in np.asarray(values).reshape(-1)]
+
+
+def _rank(tensor) -> int | None:
+    return len(tensor.shape) if tensor.shape is not None else None
+
+
+def _last_dim(tensor) -> int | None:
+    """The last axis' size of ``tensor`` when its annotated shape gives it as a number, else None."""
+    if not tensor.shape:
+        return None
+    dim = tensor.shape[-1]
+    return int(dim) if isinstance(dim, (int, np.integer)) and dim >= 0 else None
+
+
+def _is_last_axis(axis: int, rank: int | None) -> bool:
+    return axis == -1 or (rank is not None and axis == rank - 1)
+
+
+def _split_thirds(node, hidden: int) -> bool:
+    """Whether ``node`` is a ``Split`` of its input over the last axis into three outputs of ``hidden`` each.
+
+    The sizes come from the ``split`` input (opset 13+) or attribute (opset < 13) when given, else the split is
+    even (``num_outputs`` = 3 in opset 18+, or the output count before): then the input's last axis must be
+    known to be 3 * hidden, or each output's to be hidden (an uneven opset-18 split would make the last one
+    shorter)."""
+    data = node.inputs[0]
+    rank = _rank(data)
+    if rank is None:
+        rank = next((_rank(o) for o in node.outputs if _rank(o) is not None), None)
+    if len(node.outputs) != 3 or not _is_last_axis(int(node.attrs.get("axis", 0)), rank):
+        return False
+    if len(node.inputs) > 1 and node.inputs[1] is not None and getattr(node.inputs[1], "name", ""):
+        sizes = _const_ints(node.inputs[1])
+        if sizes is None:  # sizes computed at run time: nothing to prove the thirds with
+            return False
+    elif "split" in node.attrs:
+        sizes = [int(v) for v in node.attrs["split"]]
+    else:
+        sizes = None
+    if sizes is not None:
+        return sizes == [hidden] * 3  # sizes must add up to the axis: it is 3 * hidden
+    return _last_dim(data) == 3 * hidden or all(_last_dim(o) == hidden for o in node.outputs)
+
+
+def _slice_third(node, hidden: int) -> tuple[object, int] | None:
+    """``(data, i)`` when ``node`` is a ``Slice`` taking columns [i * hidden, (i + 1) * hidden) of the last
+    axis of ``data`` with step 1, ``i`` in 0, 1, 2 (opset 10+ inputs, or the attributes of opset < 10); else
+    None. Omitted axes default to 0, 1, ... as in ONNX."""
+    def given(i):
+        return len(node.inputs) > i and node.inputs[i] is not None and getattr(node.inputs[i], "name", "")
+
+    data = node.inputs[0]
+    if given(1):
+        starts, ends = _const_ints(node.inputs[1]), _const_ints(node.inputs[2]) if given(2) else None
+        axes = _const_ints(node.inputs[3]) if given(3) else [0]
+        steps = _const_ints(node.inputs[4]) if given(4) else [1]
+    else:
+        starts, ends = node.attrs.get("starts"), node.attrs.get("ends")
+        axes, steps = node.attrs.get("axes", [0]), [1]
+    if starts is None or ends is None or axes is None or steps is None:
+        return None
+    if not (len(starts) == len(ends) == len(axes) == len(steps) == 1) or list(steps) != [1]:
+        return None
+    rank = _rank(data) if _rank(data) is not None else _rank(node.outputs[0])
+    if not _is_last_axis(int(axes[0]), rank):
+        return None
+    start, end = int(starts[0]), int(ends[0])
+    for i in range(3):
+        # the last third may run to the end of the axis, written as a huge end
+        if start == i * hidden and (end == (i + 1) * hidden or (i == 2 and end >= 3 * hidden)):
+            return data, i
+    return None
+
+
+def fused_qkv(match: AttentionMatch, hidden: int):
+    """The fused projection ``[B, S, 3 * hidden]`` that ``match``'s query, key and value are the three thirds
+    of (in that order, along the last axis), found by structure: one ``Split`` with outputs (q, k, v), or three
+    ``Slice`` nodes of one tensor. Its last axis must be known to be exactly 3 * hidden. None otherwise."""
+    producers = [_producer(t) for t in (match.query, match.key, match.value)]
+    if any(p is None for p in producers):
+        return None
+    split = producers[0]
+    if split.op == "Split" and all(p is split for p in producers):
+        in_order = [o is t for o, t in zip(split.outputs, (match.query, match.key, match.value))]
+        if len(split.outputs) == 3 and all(in_order) and _split_thirds(split, hidden):
+            return split.inputs[0]
+        return None
+    if all(p.op == "Slice" for p in producers) and len({id(p) for p in producers}) == 3:
+        thirds = [_slice_third(p, hidden) for p in producers]
+        if any(t is None for t in thirds):
+            return None
+        data = thirds[0][0]
+        if all(t[0] is data for t in thirds) and [t[1] for t in thirds] == [0, 1, 2] and \
+                _last_dim(data) == 3 * hidden:
+            return data
+    return None
+
+
+def qkv_input(graph, match: AttentionMatch, index: int, hidden: int):
+    """The ``qkv`` input of layer ``index``'s ``EetPrePadAttention``: the fused projection the query, key and
+    value were cut from (:func:`fused_qkv`; the cut then dies and the kernel reads the thirds in place), else a
+    ``Concat`` of the three on the last axis (correct, but one copy)."""
+    import onnx_graphsurgeon as gs
+
+    fused = fused_qkv(match, hidden)
+    if fused is not None:
+        return fused
+    qkv = gs.Variable(f"eet_attention_{index}_qkv", dtype=match.query.dtype)
+    graph.nodes.append(gs.Node("Concat", name=f"eet_attention_{index}_concat_qkv",
+                               inputs=[match.query, match.key, match.value], outputs=[qkv], attrs={"axis": -1}))
+    return qkv
+
+
 def replace_prepad_attention(graph, match: AttentionMatch, index: int, pad_lengths, step, num_heads: int,
                              head_dim: int):
     """Replace one matched (causal) attention by an ``EetPrePadAttention`` node with this layer's KV cache:
     graph inputs ``past_key.<index>`` / ``past_value.<index>`` [B, heads, L, head_dim], updated in place (the
-    node's outputs ``present_key.<index>`` / ``present_value.<index>`` alias them)."""
+    node's outputs ``present_key.<index>`` / ``present_value.<index>`` alias them). The node reads q, k, v from
+    one fused tensor (:func:`qkv_input`)."""
     import onnx_graphsurgeon as gs
 
     dtype = match.context.dtype or np.float32
@@ -317,8 +451,9 @@ def replace_prepad_attention(graph, match: AttentionMatch, index: int, pad_lengt
     graph.inputs.extend(caches)
     out = gs.Variable(f"eet_attention_{index}", dtype=dtype)
     presents = [gs.Variable(f"present_{kind}.{index}", dtype=dtype) for kind in ("key", "value")]
+    qkv = qkv_input(graph, match, index, num_heads * head_dim)
     node = PREPAD_ATTENTION.make_node(
-        gs, [match.query, match.key, match.value, pad_lengths, step, *caches], [out, *presents],
+        gs, [qkv, pad_lengths, step, *caches], [out, *presents],
         dict(num_heads=num_heads, head_dim=head_dim, scale=match.scale), name=f"EetPrePadAttention_{index}")
     graph.nodes.append(node)
     _rewire(graph, match, out, num_heads * head_dim, index)

@@ -77,28 +77,31 @@ def varlen_attention(query: np.ndarray, key: np.ndarray, value: np.ndarray, cu_s
     return out.reshape(query.shape).astype(query.dtype)
 
 
-def prepad_attention(query: np.ndarray, key: np.ndarray, value: np.ndarray, pad_lengths: np.ndarray,
-                     step: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarray, *, num_heads: int,
-                     head_dim: int, scale: float, accumulate=np.float64):
+def prepad_attention(qkv: np.ndarray, pad_lengths: np.ndarray, step: np.ndarray, key_cache: np.ndarray,
+                     value_cache: np.ndarray, *, num_heads: int, head_dim: int, scale: float,
+                     accumulate=np.float64):
     """Reference of ``EetPrePadAttention`` (see :data:`eet.plugins.spec.PREPAD_ATTENTION`).
 
     Args:
-        query, key, value: [B, S, num_heads * head_dim].
+        qkv: [B, S, 3 * hidden] (hidden = num_heads * head_dim): queries, new keys, new values in that order
+            along the last axis, each head-major.
         pad_lengths: int [B]; step: int [1] (s).
         key_cache, value_cache: [B, num_heads, L, head_dim]; not modified (new arrays are returned).
 
     Returns:
-        (context [B, S, hidden] in query's dtype, new key cache, new value cache).
+        (context [B, S, hidden] in qkv's dtype, new key cache, new value cache).
 
     Raises:
         ValueError: shapes that disagree, s + S > L, a negative pad length.
     """
-    b, s_new, hidden = query.shape
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim {head_dim} is not supported; supported: {HEAD_DIMS}")
-    if hidden != num_heads * head_dim or key.shape != query.shape or value.shape != query.shape:
-        raise ValueError(f"query/key/value must share the shape [B, S, {num_heads * head_dim}], got "
-                         f"{query.shape}, {key.shape}, {value.shape}")
+    hidden = num_heads * head_dim
+    if qkv.ndim != 3 or qkv.shape[-1] != 3 * hidden:
+        raise ValueError(f"qkv must be [B, S, 3 * {hidden}] (queries, keys, values of {num_heads} heads of "
+                         f"{head_dim}), got {qkv.shape}")
+    b, s_new, _ = qkv.shape
+    query, key, value = qkv[..., :hidden], qkv[..., hidden:2 * hidden], qkv[..., 2 * hidden:]
     cache_len = key_cache.shape[2]
     if key_cache.shape != (b, num_heads, cache_len, head_dim) or value_cache.shape != key_cache.shape:
         raise ValueError(f"caches must be [{b}, {num_heads}, L, {head_dim}], got {key_cache.shape}, "
@@ -127,7 +130,7 @@ def prepad_attention(query: np.ndarray, key: np.ndarray, value: np.ndarray, pad_
             w = np.exp(scores)
             w /= w.sum(axis=-1, keepdims=True)
             out[row, i] = np.einsum("hn,hnd->hd", w, v)
-    return out.reshape(query.shape).astype(query.dtype), kc, vc
+    return out.reshape(b, s_new, hidden).astype(qkv.dtype), kc, vc
 
 
 REFERENCES = {VARLEN_ATTENTION.name: varlen_attention, PREPAD_ATTENTION.name: prepad_attention}

@@ -144,19 +144,22 @@ VARLEN_ATTENTION = PluginSpec(
 
 PREPAD_ATTENTION = PluginSpec(
     name="EetPrePadAttention",
-    version="1",
+    version="2",
     doc=(
         "Pre-padding causal multi-head attention with an in-place KV cache (EET, GPT-2 generation). Prompts are "
         "left-padded so that every row of the batch is at the same cache position; row b's first pad_lengths[b] "
         "positions are padding and its keys there are skipped (no work). With s = step: the new keys/values of "
         "token i go to cache position s + i, and token i attends to cache positions [pad_lengths[b], s + i]. "
         "Context phase: S prompt tokens at step 0; decode phase: S = 1 at step = tokens so far. Softmax "
-        "statistics and accumulation are fp32."
+        "statistics and accumulation are fp32. Queries, keys and values come fused in one tensor (GPT-2's c_attn "
+        "output), which the kernel reads in place with row stride 3 * num_heads * head_dim. Version 2: version 1 "
+        "took query, key and value as three inputs."
     ),
     inputs=(
-        TensorSpec("query", ("float32", "float16"), "[B, S, num_heads * head_dim]", "projected queries"),
-        TensorSpec("key", ("float32", "float16"), "[B, S, num_heads * head_dim]", "projected new keys", like=0),
-        TensorSpec("value", ("float32", "float16"), "[B, S, num_heads * head_dim]", "projected new values", like=0),
+        TensorSpec("qkv", ("float32", "float16"), "[B, S, 3 * num_heads * head_dim]",
+                   "projected queries, new keys and new values, fused in the last axis: queries in [0, hidden), "
+                   "keys in [hidden, 2 * hidden), values in [2 * hidden, 3 * hidden) with hidden = num_heads * "
+                   "head_dim, each head-major (head h at columns h * head_dim ... of its third)"),
         TensorSpec("pad_lengths", ("int32",), "[B]", "left padding of each row"),
         TensorSpec("step", ("int32",), "[1]", "cache position of the first new token"),
         TensorSpec("key_cache", ("float32", "float16"), "[B, num_heads, L, head_dim]", "key cache, updated in place",
@@ -165,12 +168,13 @@ PREPAD_ATTENTION = PluginSpec(
                    "value cache, updated in place", like=0),
     ),
     outputs=(
-        TensorSpec("context", ("float32", "float16"), "same as query", "attention output", like=0),
-        TensorSpec("key_cache_out", ("float32", "float16"), "same as key_cache", "key_cache, aliased", like=5),
-        TensorSpec("value_cache_out", ("float32", "float16"), "same as value_cache", "value_cache, aliased", like=6),
+        TensorSpec("context", ("float32", "float16"), "[B, S, num_heads * head_dim]",
+                   "attention output, heads concatenated in the last axis", like=0),
+        TensorSpec("key_cache_out", ("float32", "float16"), "same as key_cache", "key_cache, aliased", like=3),
+        TensorSpec("value_cache_out", ("float32", "float16"), "same as value_cache", "value_cache, aliased", like=4),
     ),
     attributes=VARLEN_ATTENTION.attributes,
-    aliases=((1, 5), (2, 6)),
+    aliases=((1, 3), (2, 4)),
 )
 
 PLUGINS: dict[str, PluginSpec] = {VARLEN_ATTENTION.name: VARLEN_ATTENTION, PREPAD_ATTENTION.name: PREPAD_ATTENTION}

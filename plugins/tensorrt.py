@@ -149,9 +149,10 @@ def make_classes(trt):
             self._lib.varlen_attention(p, stream)
 
     class PrePadAttentionPlugin(_SpecPlugin):
-        """``EetPrePadAttention``: inputs query, key, value [B, S, hidden], pad_lengths [B] int32, step [1]
-        int32, key/value caches [B, heads, L, head_dim]; outputs context [B, S, hidden] and the two caches,
-        updated in place (aliased)."""
+        """``EetPrePadAttention``: inputs qkv [B, S, 3 * hidden] (queries, keys, values fused in the last axis),
+        pad_lengths [B] int32, step [1] int32, key/value caches [B, heads, L, head_dim]; outputs context
+        [B, S, hidden] and the two caches, updated in place (aliased). The kernel reads q, k and v in place:
+        three column slices of qkv with row stride 3 * hidden."""
 
         SPEC = PREPAD_ATTENTION
 
@@ -162,26 +163,48 @@ def make_classes(trt):
                                  f"(supported: {HEAD_DIMS})")
             self._params = None
             self._lib = None
+            self._k_offset = self._v_offset = 0  # bytes from qkv to its keys / values
+
+        def get_output_shapes(self, inputs, shape_inputs, expr_builder):
+            qkv = inputs[0]
+            hidden = expr_builder.constant(self.attrs["num_heads"] * self.attrs["head_dim"])
+            return [trt.DimsExprs([qkv[0], qkv[1], hidden]), trt.DimsExprs(inputs[3]), trt.DimsExprs(inputs[4])]
+
+        def configure_plugin(self, inputs, outputs):
+            # build time: a static last axis that is not 3 * hidden (e.g. a version-1 query) fails here, not
+            # in on_shape_change on the GPU
+            hidden = self.attrs["num_heads"] * self.attrs["head_dim"]
+            dims = tuple(inputs[0].desc.dims)
+            if len(dims) != 3 or dims[2] not in (-1, 3 * hidden):
+                raise ValueError(f"EetPrePadAttention: qkv is {dims}, expected [B, S, 3 * {hidden}] (queries, keys "
+                                 f"and values of {self.attrs['num_heads']} heads of {self.attrs['head_dim']})")
 
         def on_shape_change(self, inputs, outputs):
             from eet.plugins import _lib
 
-            q, cache = inputs[0], inputs[5]
-            batch, seq, hidden = (int(d) for d in q.dims)
+            qkv, cache = inputs[0], inputs[3]
             heads, head_dim = self.attrs["num_heads"], self.attrs["head_dim"]
-            if hidden != heads * head_dim or tuple(cache.dims)[1::2] != (heads, head_dim):
-                raise ValueError(f"EetPrePadAttention: query {tuple(q.dims)} / cache {tuple(cache.dims)} do not "
-                                 f"match {heads} heads of {head_dim}")
+            hidden = heads * head_dim
+            dims = tuple(int(d) for d in qkv.dims)
+            if len(dims) != 3 or dims[2] != 3 * hidden or tuple(cache.dims)[1::2] != (heads, head_dim):
+                raise ValueError(f"EetPrePadAttention: qkv {dims} / cache {tuple(cache.dims)} do not match "
+                                 f"[B, S, 3 * {hidden}] / [B, {heads}, L, {head_dim}] ({heads} heads of {head_dim})")
+            fp16 = qkv.type == trt.DataType.HALF
+            self._k_offset = hidden * (2 if fp16 else 4)
+            self._v_offset = 2 * self._k_offset
             self._lib = _lib
             self._params = _lib.make_prepad_params(
-                dtype=_lib.DTYPE_FP16 if q.type == trt.DataType.HALF else _lib.DTYPE_FP32,
-                num_heads=heads, head_dim=head_dim, scale=self.attrs["scale"], batch=batch, seq=seq,
-                max_len=int(cache.dims[2]))
+                dtype=_lib.DTYPE_FP16 if fp16 else _lib.DTYPE_FP32,
+                num_heads=heads, head_dim=head_dim, scale=self.attrs["scale"], batch=dims[0], seq=dims[1],
+                max_len=int(cache.dims[2]), q_row_stride=3 * hidden, k_row_stride=3 * hidden,
+                v_row_stride=3 * hidden)
 
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
             p = self._params
-            p.q, p.k, p.v, p.pad_lengths, p.step = inputs[0], inputs[1], inputs[2], inputs[3], inputs[4]
-            p.k_cache, p.v_cache, p.out = inputs[5], inputs[6], outputs[0]
+            qkv = inputs[0]
+            p.q, p.k, p.v = qkv, qkv + self._k_offset, qkv + self._v_offset
+            p.pad_lengths, p.step, p.k_cache, p.v_cache = inputs[1], inputs[2], inputs[3], inputs[4]
+            p.out = outputs[0]
             self._lib.prepad_attention(p, stream)
 
     def creator_class(plugin_cls):

@@ -24,7 +24,7 @@ def two_layer(tmp_path_factory):
 def test_build_writes_two_profiles(two_layer):
     info = json.loads((two_layer / "engine.json").read_text())
     assert info["family"] == "gpt2" and [p["name"] for p in info["profiles"]] == ["context", "decode"]
-    assert info["plugins"][0] == {"name": "EetPrePadAttention", "version": "1", "namespace": "eet", "layers": 2}
+    assert info["plugins"][0] == {"name": "EetPrePadAttention", "version": "2", "namespace": "eet", "layers": 2}
     context, decode = (p["shapes"] for p in info["profiles"])
     assert context["input_ids"]["max"] == [4, 32] and decode["input_ids"]["max"] == [4, 1]
     assert context["past_key.1"]["max"] == [4, 2, 64, 64]

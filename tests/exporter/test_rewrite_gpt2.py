@@ -103,6 +103,142 @@ def test_fp16_graph_generates(exported_gpt2, rng):
             assert (top[0] - top[1]) / scale <= 2 * bound, (row, (top[0] - top[1]) / scale)
 
 
+def plugin_qkv_producers(model):
+    """For each EetPrePadAttention node: the op type producing its qkv input (None for a graph input)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    return [getattr(producers.get(n.input[0]), "op_type", None) for n in model.graph.node
+            if n.op_type == "EetPrePadAttention"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_every_layer_reads_the_fused_projection(exported_gpt2, form):
+    """Every export form cuts c_attn's output into q, k, v with one Split: the plugin reads the uncut tensor
+    (no Split, Slice or Concat feeds it, and the Splits die)."""
+    _, path = exported_gpt2(form)
+    original = onnx.load(str(path))
+    assert sum(n.op_type == "Split" for n in original.graph.node) == LAYERS
+    model = rewrite.rewrite_gpt2(original, num_layers=LAYERS, num_heads=HEADS, head_dim=HEAD_DIM)
+    producers = plugin_qkv_producers(model)
+    assert len(producers) == LAYERS
+    assert not {"Split", "Slice", "Concat"} & set(producers), producers
+    assert not any(n.op_type == "Split" for n in model.graph.node)
+
+
+def test_concat_fallback_generates(exported_gpt2, monkeypatch, rng):
+    """Without the fused match every layer concatenates q, k, v; greedy generation still equals Hugging Face."""
+    loaded, path = exported_gpt2("sdpa")
+    monkeypatch.setattr(rewrite, "fused_qkv", lambda match, hidden: None)
+    model = rewrite.rewrite_gpt2(onnx.load(str(path)), num_layers=LAYERS, num_heads=HEADS, head_dim=HEAD_DIM)
+    assert plugin_qkv_producers(model) == ["Concat"] * LAYERS
+    prompts = [rng.integers(0, 500, int(n)).tolist() for n in (rng.integers(2, 20), 1, 20)]
+    step = ReferenceStep(model, num_layers=LAYERS, num_heads=HEADS, head_dim=HEAD_DIM, max_len=MAX_LEN)
+    tokens, _ = greedy(step, prompts, 8)
+    assert tokens == hf_alone(loaded.model, prompts, 8)
+
+
+def attention_graph(kind, batch, seq, embed, rng):
+    """One causal eager attention ``x [B, S, E] -> [B, S, hidden]`` whose q, k, v come from: three MatMuls
+    (``separate``), one MatMul cut by a Split with sizes (``split``; ``split-swapped`` feeds its first two thirds
+    to k and q) or into three even parts on axis 2 (``split-even``), or three Slices of one MatMul (``slices``;
+    ``slices-wide``: the first three quarters of a MatMul 4 * hidden wide). Returns the model and the weights
+    of q, k, v [E, hidden]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    hidden = HEADS * HEAD_DIM
+    width = (4 if kind == "slices-wide" else 3) * hidden
+    weights = (rng.standard_normal((embed, width)) / np.sqrt(embed)).astype(np.float32)
+    inits = [numpy_helper.from_array(np.array([batch, seq, HEADS, HEAD_DIM], np.int64), "heads_shape"),
+             numpy_helper.from_array(np.array([batch, seq, hidden], np.int64), "merged_shape"),
+             numpy_helper.from_array(np.array(1 / np.sqrt(HEAD_DIM), np.float32), "scale"),
+             numpy_helper.from_array(np.triu(np.full((seq, seq), -1e9, np.float32), 1), "causal")]
+    nodes = []
+    thirds = [weights[:, i * hidden:(i + 1) * hidden] for i in range(3)]
+    if kind == "separate":
+        for name, w in zip("qkv", thirds):
+            inits.append(numpy_helper.from_array(w, f"w_{name}"))
+            nodes.append(helper.make_node("MatMul", ["x", f"w_{name}"], [name]))
+    else:
+        inits.append(numpy_helper.from_array(weights, "w_qkv"))
+        nodes.append(helper.make_node("MatMul", ["x", "w_qkv"], ["fused"]))
+        if kind.startswith("slices"):
+            for i, name in enumerate("qkv"):
+                inits += [numpy_helper.from_array(np.array([i * hidden], np.int64), f"start_{name}"),
+                          numpy_helper.from_array(np.array([(i + 1) * hidden], np.int64), f"end_{name}"),
+                          numpy_helper.from_array(np.array([-1], np.int64), f"axes_{name}")]
+                nodes.append(helper.make_node("Slice", ["fused", f"start_{name}", f"end_{name}", f"axes_{name}"],
+                                              [name]))
+        elif kind == "split-even":
+            nodes.append(helper.make_node("Split", ["fused"], ["q", "k", "v"], axis=2, num_outputs=3))
+        else:
+            inits.append(numpy_helper.from_array(np.array([hidden] * 3, np.int64), "split_sizes"))
+            outputs = ["k", "q", "v"] if kind == "split-swapped" else ["q", "k", "v"]
+            nodes.append(helper.make_node("Split", ["fused", "split_sizes"], outputs, axis=-1))
+            if kind == "split-swapped":
+                thirds = [thirds[1], thirds[0], thirds[2]]
+    for name, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
+        nodes += [helper.make_node("Reshape", [name, "heads_shape"], [f"{name}_heads"]),
+                  helper.make_node("Transpose", [f"{name}_heads"], [f"{name}_t"], perm=perm)]
+    nodes += [helper.make_node("MatMul", ["q_t", "k_t"], ["scores"]),
+              helper.make_node("Mul", ["scores", "scale"], ["scaled"]),
+              helper.make_node("Add", ["scaled", "causal"], ["masked"]),
+              helper.make_node("Softmax", ["masked"], ["probs"], axis=-1),
+              helper.make_node("MatMul", ["probs", "v_t"], ["context_heads"]),
+              helper.make_node("Transpose", ["context_heads"], ["context_t"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["context_t", "merged_shape"], ["context"])]
+    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                  [batch, seq, embed])],
+                              [helper.make_tensor_value_info("context", TensorProto.FLOAT, [batch, seq, hidden])],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return onnx.shape_inference.infer_shapes(model), thirds
+
+
+@pytest.mark.parametrize("kind,fused", [("separate", False), ("split", True), ("split-swapped", False),
+                                        ("split-even", True), ("slices", True), ("slices-wide", False)])
+def test_qkv_input_by_structure(kind, fused, rng):
+    """The plugin reads the cut tensor only where q, k, v are its thirds in order; else a Concat of q, k, v,
+    which the reference evaluator shows to be correct: causal attention of the right q, k, v, and the new
+    keys and values in the caches."""
+    import onnx_graphsurgeon as gs
+
+    from eet.plugins.onnx_reference import evaluator
+
+    batch, seq, embed, max_len = 2, 5, 48, 8
+    model, (wq, wk, wv) = attention_graph(kind, batch, seq, embed, rng)
+    graph = gs.import_onnx(model)
+    (match,) = rewrite.find_attention(graph, HEAD_DIM)
+    pads = gs.Variable(rewrite.PAD_LENGTHS, dtype=np.int32, shape=[batch])
+    step = gs.Variable(rewrite.STEP, dtype=np.int32, shape=[1])
+    graph.inputs.extend([pads, step])
+    node = rewrite.replace_prepad_attention(graph, match, 0, pads, step, HEADS, HEAD_DIM)
+    node.outputs[1].dtype = node.outputs[2].dtype = np.float32
+    graph.outputs = [node.outputs[0], *node.outputs[1:]]
+    graph.cleanup().toposort()
+    rewritten = gs.export_onnx(graph)
+    rewritten.opset_import.append(onnx.helper.make_opsetid("eet", 1))
+    producers = plugin_qkv_producers(rewritten)
+    assert producers == (["MatMul"] if fused else ["Concat"])
+    if fused:  # the cut died
+        assert not any(n.op_type in ("Split", "Slice") for n in rewritten.graph.node)
+
+    x = rng.standard_normal((batch, seq, embed)).astype(np.float32)
+    caches = {f"past_{k}.0": np.zeros((batch, HEADS, max_len, HEAD_DIM), np.float32) for k in ("key", "value")}
+    context, keys, values = evaluator(rewritten).run(None, {"x": x, "pad_lengths": np.zeros(batch, np.int32),
+                                                            "step": np.zeros(1, np.int32), **caches})
+
+    def heads(w):  # [B, H, S, D] in float64
+        return (x.astype(np.float64) @ w).reshape(batch, seq, HEADS, HEAD_DIM).transpose(0, 2, 1, 3)
+
+    q, k, v = heads(wq), heads(wk), heads(wv)
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(HEAD_DIM) + np.triu(np.full((seq, seq), -np.inf), 1)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    want = ((p / p.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3).reshape(batch, seq, HEADS * HEAD_DIM)
+    np.testing.assert_allclose(context, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(keys[:, :, :seq], k, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(values[:, :, :seq], v, rtol=1e-5, atol=1e-5)
+    assert not keys[:, :, seq:].any() and not values[:, :, seq:].any()
+
+
 def test_unmatched_layer_is_named(exported_gpt2):
     _, path = exported_gpt2("eager")
     model = onnx.load(str(path))

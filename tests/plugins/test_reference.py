@@ -97,7 +97,8 @@ def test_prepad_matches_naive_loop(rng, seq, step):
     q, k, v = (rng.standard_normal((b, seq, heads * dim)) for _ in range(3))
     kc, vc = (rng.standard_normal((b, heads, length, dim)) for _ in range(2))
     pads = np.array([0, int(rng.integers(1, step + seq + 1)), step + seq], np.int32)  # the last row: all padding
-    out, kc2, vc2 = prepad_attention(q, k, v, pads, np.array([step], np.int32), kc, vc, num_heads=heads,
+    qkv = np.concatenate([q, k, v], axis=-1)  # the plugin's fused input: q, k, v thirds of the last axis
+    out, kc2, vc2 = prepad_attention(qkv, pads, np.array([step], np.int32), kc, vc, num_heads=heads,
                                      head_dim=dim, scale=0.3)
     want, wk, wv = naive_prepad(q, k, v, pads, step, kc, vc, heads, dim, 0.3)
     np.testing.assert_allclose(out, want, rtol=1e-10, atol=1e-12)
@@ -114,11 +115,12 @@ def test_prepad_never_reads_padded_keys(rng):
     q, k, v = (rng.standard_normal((2, 1, heads * dim)).astype(np.float32) for _ in range(3))
     kc, vc = (rng.standard_normal((2, heads, 12, dim)).astype(np.float32) for _ in range(2))
     pads = np.array([4, 0], np.int32)
-    clean, _, _ = prepad_attention(q, k, v, pads, np.array([8], np.int32), kc, vc, num_heads=heads, head_dim=dim,
+    qkv = np.concatenate([q, k, v], axis=-1)
+    clean, _, _ = prepad_attention(qkv, pads, np.array([8], np.int32), kc, vc, num_heads=heads, head_dim=dim,
                                    scale=0.2)
     kc[0, :, :4] = np.nan
     vc[0, :, :4] = np.nan
-    dirty, _, _ = prepad_attention(q, k, v, pads, np.array([8], np.int32), kc, vc, num_heads=heads, head_dim=dim,
+    dirty, _, _ = prepad_attention(qkv, pads, np.array([8], np.int32), kc, vc, num_heads=heads, head_dim=dim,
                                    scale=0.2)
     np.testing.assert_array_equal(clean, dirty)
 
@@ -126,8 +128,18 @@ def test_prepad_never_reads_padded_keys(rng):
 def test_prepad_rejects_overflow():
     from eet.plugins.reference import prepad_attention
 
-    x = np.zeros((1, 3, 64), np.float32)
+    x = np.zeros((1, 3, 3 * 64), np.float32)
     c = np.zeros((1, 2, 4, 32), np.float32)
     with pytest.raises(ValueError, match="exceeds the cache length 4"):
-        prepad_attention(x, x, x, np.zeros(1, np.int32), np.array([2], np.int32), c, c, num_heads=2, head_dim=32,
+        prepad_attention(x, np.zeros(1, np.int32), np.array([2], np.int32), c, c, num_heads=2, head_dim=32,
                          scale=1.0)
+
+
+def test_prepad_rejects_unfused_width():
+    """qkv must hold queries, keys and values: a last axis of one hidden width (a v1 query) is refused."""
+    from eet.plugins.reference import prepad_attention
+
+    c = np.zeros((1, 2, 4, 32), np.float32)
+    with pytest.raises(ValueError, match=r"qkv must be \[B, S, 3 \* 64\]"):
+        prepad_attention(np.zeros((1, 3, 64), np.float32), np.zeros(1, np.int32), np.array([0], np.int32), c, c,
+                         num_heads=2, head_dim=32, scale=1.0)

@@ -36,15 +36,25 @@ def test_rewriter_nodes_follow_spec(exported):
     assert any(o.domain == VARLEN_ATTENTION.namespace for o in model.opset_import)
 
 
-def test_tensorrt_creator_follows_spec():
+@pytest.mark.parametrize("spec", PLUGINS.values(), ids=lambda s: s.name)
+def test_tensorrt_creator_follows_spec(spec):
     trt = pytest.importorskip("eet.trt").load()
     from eet.plugins.tensorrt import register
 
-    assert VARLEN_ATTENTION.name in register(trt)
-    creator = trt.module.get_plugin_registry().get_creator(VARLEN_ATTENTION.name, VARLEN_ATTENTION.version,
-                                                           VARLEN_ATTENTION.namespace)
+    assert spec.name in register(trt)
+    creator = trt.module.get_plugin_registry().get_creator(spec.name, spec.version, spec.namespace)
     assert creator is not None
-    assert [f.name for f in creator.field_names] == list(VARLEN_ATTENTION.field_names)
+    assert [f.name for f in creator.field_names] == list(spec.field_names)
+
+
+@pytest.mark.parametrize("spec", PLUGINS.values(), ids=lambda s: s.name)
+def test_likes_and_aliases_name_inputs(spec):
+    """``like`` indexes the inputs; an aliased output is its input, updated in place."""
+    for tensor in spec.inputs + spec.outputs:
+        assert tensor.like is None or 0 <= tensor.like < len(spec.inputs), tensor.name
+    for out, inp in spec.aliases:
+        assert spec.outputs[out].like == inp
+        assert spec.outputs[out].shape == f"same as {spec.inputs[inp].name}"
 
 
 def test_decode_fields_roundtrip():

@@ -61,6 +61,50 @@ def test_parser_rejects_unsupported_head_dim(tmp_path):
     assert trt.flavour in ("tensorrt", "tensorrt_rtx")
 
 
+def _prepad_alone(tmp_path, width):
+    """Build a network of one EetPrePadAttention node (2 heads of 64) whose qkv input is [B, S, width]."""
+    from onnx import TensorProto, helper
+
+    from eet.plugins.spec import PREPAD_ATTENTION
+    from eet.runtime.build import Profile, build_engine
+
+    heads, dim, max_len = 2, 64, 16
+    hidden, half = heads * dim, TensorProto.FLOAT16
+    io = [helper.make_tensor_value_info("qkv", half, ["b", "s", width]),
+          helper.make_tensor_value_info("pad_lengths", TensorProto.INT32, ["b"]),
+          helper.make_tensor_value_info("step", TensorProto.INT32, [1]),
+          helper.make_tensor_value_info("past_key", half, ["b", heads, max_len, dim]),
+          helper.make_tensor_value_info("past_value", half, ["b", heads, max_len, dim])]
+    node = helper.make_node(PREPAD_ATTENTION.name, [i.name for i in io], ["context", "present_key", "present_value"],
+                            domain="eet", num_heads=heads, head_dim=dim, scale=0.125,
+                            plugin_version=PREPAD_ATTENTION.version, plugin_namespace="eet")
+    context = helper.make_tensor_value_info("context", half, ["b", "s", hidden])
+    model = helper.make_model(helper.make_graph([node], "g", io, [context]),
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("eet", 1)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    cache = ((1, heads, max_len, dim), (2, heads, max_len, dim), (4, heads, max_len, dim))
+    shapes = {"qkv": ((1, 1, width), (2, 8, width), (4, max_len, width)),
+              "pad_lengths": ((1,), (2,), (4,)), "past_key": cache, "past_value": cache}
+    return build_engine(tmp_path / "m.onnx", [Profile("p", shapes)], aliased_io=True)
+
+
+def test_prepad_plugin_alone_builds(tmp_path):
+    """One EetPrePadAttention node: its fused qkv input [B, S, 3 * hidden] gives a context of [B, S, hidden]
+    (a constant last axis), in qkv's precision; the caches stay in place (aliased)."""
+    pytest.importorskip("eet.trt").load()
+    built = _prepad_alone(tmp_path, 3 * 128)
+    assert built.plugin_layers == {"EetPrePadAttention": 1}
+    assert built.outputs == [{"name": "context", "dtype": "half", "shape": [-1, -1, 128]}]
+
+
+def test_prepad_plugin_refuses_an_unfused_input(tmp_path, capfd):
+    """A qkv of one hidden width (version 1's query) fails the build, the plugin naming the expected shape."""
+    pytest.importorskip("eet.trt").load()
+    with pytest.raises(EetError, match="failed to build"):
+        _prepad_alone(tmp_path, 128)
+    assert "expected [B, S, 3 * 128]" in capfd.readouterr().err
+
+
 def _write(tmp_path, plan=b"plan-bytes", **changes):
     (tmp_path / "engine.plan").write_bytes(plan)
     data = {"family": "bert", "model": {}, "dtype": "fp16", "io": {}, "profiles": [], "plugins": [],

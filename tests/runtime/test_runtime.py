@@ -100,6 +100,10 @@ def test_compatibility_errors():
         check_compatible(sidecar_info(), "tensorrt", "10.13.0")
     with pytest.raises(EetError, match="plans are tied to the TensorRT version"):
         check_compatible(sidecar_info(), "tensorrt_rtx", "1.8.0")
+    # version 2 takes one fused qkv input: a plan built with version 1 (query, key, value) is refused
+    with pytest.raises(EetError, match="EetPrePadAttention version 1 .*provides version 2.*rebuild"):
+        check_compatible(sidecar_info(plugins=[{"name": "EetPrePadAttention", "version": "1", "namespace": "eet"}]),
+                         "tensorrt_rtx", "1.7.1.116")
     with pytest.raises(EetError, match="EetPrePadAttention version 9"):
         check_compatible(sidecar_info(plugins=[{"name": "EetPrePadAttention", "version": "9", "namespace": "eet"}]),
                          "tensorrt_rtx", "1.7.1.116")
@@ -150,6 +154,19 @@ def test_load_checks_the_sidecar_first(tmp_path, sidecar_only_gpt2):
     info["schema"] = "eet-trt/engine/0"
     (folder / "engine.json").write_text(json.dumps(info))
     with pytest.raises(EetError, match="schema"):
+        eet.runtime.load(folder)
+
+
+def test_load_refuses_a_version_1_prepad_plan(sidecar_only_gpt2):
+    """A plan built with EetPrePadAttention version 1 (separate query, key, value inputs) fails before
+    deserialization with the version mismatch, not inside TensorRT."""
+    import eet.runtime
+
+    folder = sidecar_only_gpt2
+    info = json.loads((folder / "engine.json").read_text())
+    info["plugins"] = [{"name": "EetPrePadAttention", "version": "1", "namespace": "eet"}]
+    (folder / "engine.json").write_text(json.dumps(info))
+    with pytest.raises(EetError, match=r"EetPrePadAttention version 1 .*this EET provides version 2.*rebuild"):
         eet.runtime.load(folder)
 
 
