@@ -48,10 +48,12 @@ def test_encode_matches_huggingface(built, dtype, deserialize_hook, rng):
     assert enc.calls >= 3 and len(enc.hidden_states) == len(seqs)
     model = load_reference_model(json.loads((out / "engine.json").read_text())).model.cuda().double()
     worst = worst_first = 0.0
+    refs = []
     with torch.no_grad():
         for s, t, h, f in zip(seqs, types, enc.hidden_states, enc.first_token):
             ref = model(input_ids=torch.tensor([s]).cuda(), token_type_ids=torch.tensor([t]).cuda()
                         ).last_hidden_state[0].cpu().numpy()
+            refs.append(ref)
             assert h.shape == ref.shape and np.isfinite(h).all()
             worst = max(worst, float(np.abs(h - ref).max()))
             worst_first = max(worst_first, float(np.abs(f - ref[0]).max()))
@@ -59,7 +61,14 @@ def test_encode_matches_huggingface(built, dtype, deserialize_hook, rng):
     print(f"encode {dtype}: {len(seqs)} sequences in {enc.calls} calls; max abs error vs Hugging Face fp64 "
           f"hidden {worst:.2e}, first token {worst_first:.2e} (bound {bound})")
     assert worst <= bound and worst_first <= bound
-    np.testing.assert_allclose(again.hidden_states[0], enc.hidden_states[3], atol=1e-6 if dtype == "fp32" else 2e-3)
+    # The same sequence in another batch: fp32 gives the same numbers; fp16 GEMMs may take other kernels for
+    # other token counts (TensorRT-RTX specializes per shape), so there it must meet the same bound.
+    again_err = float(np.abs(again.hidden_states[0] - refs[3]).max())
+    print(f"encode {dtype}: sequence 3 in a batch of 2: max abs error {again_err:.2e}, "
+          f"{float(np.abs(again.hidden_states[0] - enc.hidden_states[3]).max()):.2e} from the batch of 20")
+    if dtype == "fp32":
+        np.testing.assert_allclose(again.hidden_states[0], enc.hidden_states[3], atol=1e-6)
+    assert again_err <= bound
 
 
 def hf_alone(model, prompts, new):
