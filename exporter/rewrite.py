@@ -69,20 +69,26 @@ def _producer(tensor):
     return tensor.inputs[0] if len(tensor.inputs) else None
 
 
-def _scalar(tensor) -> float | None:
-    """The value of a one-element constant (initializer or Constant node), else None."""
+def _constant_values(tensor) -> np.ndarray | None:
+    """The values of a constant tensor (initializer or Constant node), else None."""
     import onnx_graphsurgeon as gs
 
-    values = None
-    if isinstance(tensor, gs.Constant):
-        values = tensor.values
-    else:
-        node = _producer(tensor)
-        if node is not None and node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
-            values = node.attrs["value"].values
-    if values is None or np.asarray(values).size != 1:
+    if tensor is None:
         return None
-    return float(np.asarray(values).reshape(-1)[0])
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    node = _producer(tensor)
+    if node is not None and node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
+        return np.asarray(node.attrs["value"].values)
+    return None
+
+
+def _scalar(tensor) -> float | None:
+    """The value of a one-element constant (initializer or Constant node), else None."""
+    values = _constant_values(tensor)
+    if values is None or values.size != 1:
+        return None
+    return float(values.reshape(-1)[0])
 
 
 def _scaling(node):
@@ -310,20 +316,10 @@ def replace_attention(graph, match: AttentionMatch, index: int, cu_seqlens, max_
 
 def _const_ints(tensor) -> list[int] | None:
     """The values of a constant int tensor (initializer or Constant node) as a list, else None."""
-    import onnx_graphsurgeon as gs
-
-    if tensor is None:
+    values = _constant_values(tensor)
+    if values is None or not np.issubdtype(values.dtype, np.integer):
         return None
-    values = None
-    if isinstance(tensor, gs.Constant):
-        values = tensor.values
-    else:
-        node = _producer(tensor)
-        if node is not None and node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
-            values = node.attrs["value"].values
-    if values is None or not np.issubdtype(np.asarray(values).dtype, np.integer):
-        return None
-    return [int(v) for v in np.asarray(values).reshape(-1)]
+    return [int(v) for v in values.reshape(-1)]
 
 
 def _rank(tensor) -> int | None:
