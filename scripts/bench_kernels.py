@@ -116,8 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="fp16")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     parser.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
-    parser.add_argument("--warmup", type=float, default=25.0, help="do_bench warm-up, ms (default 25)")
-    parser.add_argument("--rep", type=float, default=200.0, help="do_bench repetition time, ms (default 200)")
+    parser.add_argument("--warmup", type=float, default=25.0, help="warm-up before timing, ms (default 25)")
+    parser.add_argument("--rep", type=float, default=200.0, help="timed repetitions, ms (default 200)")
     parser.add_argument("--l2-flush", choices=("read", "write"), default="read",
                         help="how L2 is cleared before every timed run: read a 256 MiB buffer (default: leaves clean "
                              "lines) or zero it (triton do_bench's own flush: leaves dirty lines to write back)")
@@ -209,12 +209,11 @@ class Bench:
             self._flush = torch.ones(FLUSH_BYTES // 2, dtype=torch.float16, device="cuda")
             self._flush_out = torch.empty((), dtype=torch.float16, device="cuda")
         flush = self._flush
-
-        def clear():
-            if self.args.l2_flush == "read":
+        if self.args.l2_flush == "read":
+            def clear():
                 torch.amax(flush, dim=0, out=self._flush_out)
-            else:
-                flush.zero_()
+        else:
+            clear = flush.zero_
 
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         clear()
@@ -365,8 +364,29 @@ def run_varlen(bench: Bench, case: Case):
     return finish(bench, case, ours, out, ref, baselines, flops=flops)
 
 
+def prepad_launcher(bench: Bench, q, k, v, out, k_cache, v_cache, pads, step: int):
+    """A call of eet_prepad_attention on torch tensors (q, k, v, out [B, S, H * D]; caches [B, H, L, D]; pads
+    a list of B ints; the new tokens at cache position ``step``) on torch's current stream; its attribute
+    ``pad_lengths`` is the int32 device copy of ``pads``."""
+    torch = bench.torch
+    B, H, L, D = k_cache.shape
+    pads_dev = torch.tensor(pads, dtype=torch.int32, device="cuda")
+    step_dev = torch.tensor([step], dtype=torch.int32, device="cuda")
+    params = bench.lib.make_prepad_params(
+        dtype=bench.dtype_code, num_heads=H, head_dim=D, batch=B, seq=q.shape[1], max_len=L, q=q.data_ptr(),
+        k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), k_cache=k_cache.data_ptr(),
+        v_cache=v_cache.data_ptr(), pad_lengths=pads_dev.data_ptr(), step=step_dev.data_ptr())
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def ours():
+        bench.lib.prepad_attention(params, stream)
+
+    ours.pad_lengths, ours.step = pads_dev, step_dev  # the device tensors params points at, kept alive
+    return ours
+
+
 def run_context(bench: Bench, case: Case):
-    torch, F, lib = bench.torch, bench.F, bench.lib
+    torch, F = bench.torch, bench.F
     H, D = case.heads, case.head_dim
     lengths = draw_lengths(case, bench.args.seed)
     B, S = case.batch, max(lengths)
@@ -376,16 +396,7 @@ def run_context(bench: Bench, case: Case):
     out = torch.empty_like(q)
     k_cache = torch.zeros(B, H, S, D, dtype=bench.dtype, device="cuda")
     v_cache = torch.zeros_like(k_cache)
-    pads_dev = torch.tensor(pads, dtype=torch.int32, device="cuda")
-    step = torch.zeros(1, dtype=torch.int32, device="cuda")
-    params = lib.make_prepad_params(dtype=bench.dtype_code, num_heads=H, head_dim=D, batch=B, seq=S, max_len=S,
-                                    q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(),
-                                    k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(),
-                                    pad_lengths=pads_dev.data_ptr(), step=step.data_ptr())
-    stream = torch.cuda.current_stream().cuda_stream
-
-    def ours():
-        lib.prepad_attention(params, stream)
+    ours = prepad_launcher(bench, q, k, v, out, k_cache, v_cache, pads, step=0)
 
     qh, kh, vh = (x.view(B, S, H, D).transpose(1, 2).contiguous() for x in (q, k, v))  # [B, H, S, D]
     ref = torch.zeros(B, H, S, D, dtype=torch.float32, device="cuda")
@@ -431,7 +442,7 @@ def run_context(bench: Bench, case: Case):
 
 
 def run_decode(bench: Bench, case: Case):
-    torch, F, lib = bench.torch, bench.F, bench.lib
+    torch, F = bench.torch, bench.F
     H, D, B, L = case.heads, case.head_dim, case.batch, case.max_len
     pads = draw_lengths(case, bench.args.seed)
     s = L - 1  # the full cache
@@ -440,23 +451,14 @@ def run_decode(bench: Bench, case: Case):
     v_cache = bench.randn(B, H, L, D, gen=gen)
     q, k, v = (bench.randn(B, 1, H * D, gen=gen) for _ in range(3))
     out = torch.empty_like(q)
-    pads_dev = torch.tensor(pads, dtype=torch.int32, device="cuda")
-    step = torch.tensor([s], dtype=torch.int32, device="cuda")
-    params = lib.make_prepad_params(dtype=bench.dtype_code, num_heads=H, head_dim=D, batch=B, seq=1, max_len=L,
-                                    q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(),
-                                    k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(),
-                                    pad_lengths=pads_dev.data_ptr(), step=step.data_ptr())
-    stream = torch.cuda.current_stream().cuda_stream
-
-    def ours():
-        lib.prepad_attention(params, stream)
+    ours = prepad_launcher(bench, q, k, v, out, k_cache, v_cache, pads, step=s)
 
     ours()  # appends the new key/value at s: the baselines read the same cache
     torch.cuda.synchronize()
     qh = q.view(B, 1, H, D).transpose(1, 2).contiguous()  # [B, H, 1, D]
     kk, vv = k_cache[:, :, : s + 1], v_cache[:, :, : s + 1]
     j = torch.arange(s + 1, device="cuda")
-    mask = (j[None, :] >= pads_dev[:, None].clamp(min=0)).view(B, 1, 1, s + 1)
+    mask = (j[None, :] >= ours.pad_lengths[:, None].clamp(min=0)).view(B, 1, 1, s + 1)
     ref = F.scaled_dot_product_attention(qh.float(), kk.float(), vv.float(), attn_mask=mask)  # [B, H, 1, D]
 
     def as_ours(o):  # [B, H, 1, D] -> [B, 1, H * D]

@@ -7,9 +7,10 @@
 //     the key range), K and V double-buffered: tile i + 1 is in flight while tile i is used.
 //   - S = Q K^T with mma.sync.m16n8k16 (fp16 in, fp32 accumulate): Q fragments by ldmatrix (kept in
 //     registers for the whole key loop), K fragments by ldmatrix.
-//   - online softmax in registers, in the log2 domain (2^(S * scale * log2(e) - max), one FFMA
-//     and one MUFU.EX2 per score, see softmax_exp2; a negative scale flips Q's sign instead); each thread holds
-//     2 rows per m16 tile (g and g + 8), row statistics are reduced over the 4 lanes of a quad.
+//   - online softmax in registers, in the log2 domain (2^(S * scale * log2(e) - max): one FFMA and
+//     one MUFU.EX2 per score, see softmax_exp2; a negative scale flips Q's sign instead); each
+//     thread holds 2 rows per m16 tile (g and g + 8), row statistics are reduced over the 4 lanes of
+//     a quad.
 //   - P is converted to fp16 in registers and is directly the A operand of O += P V (the C fragment
 //     layout of m16n8 pairs is the A fragment layout of m16k16), V fragments by ldmatrix.trans.
 //   - O / l goes through the warp's own rows of the Q buffer to 16-byte global stores.
@@ -82,8 +83,8 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
 }
 
 // 2^x with subnormal results flushed to zero (one MUFU.EX2; exp2f adds a range check and two
-// multiplies for subnormal results). The softmax weights are 2^(s - max) <= 1: a weight below 2^-126
-// is already far below what the fp32 row sum or the fp16 P can hold next to the row's weight of 1.
+// multiplies for subnormal results). The softmax weights are 2^(s - max) <= 1: a weight below
+// 2^-126 is far below what the fp32 row sum or the fp16 P can hold next to the row's weight of 1.
 // exp2(-inf) = +0, exp2(NaN) = NaN.
 __device__ __forceinline__ float exp2_ftz(float x) {
   float y;
@@ -308,9 +309,9 @@ __device__ __forceinline__ void mma_attention_block(
             }
           }
         }
-        // Mask (with kFusedScale, scores stay unscaled until the exponentials). Element e of tile i of m-tile mt:
-        // local row warp_row0 + 16 mt + g + 8 (e >> 1), key n0 + 8 i + 2 t + (e & 1). The
-        // assignment also replaces a NaN from a NaN query row.
+        // Mask (with kFusedScale, scores stay unscaled until the exponentials). Element e of tile i
+        // of m-tile mt: local row warp_row0 + 16 mt + g + 8 (e >> 1), key n0 + 8 i + 2 t + (e & 1).
+        // The assignment also replaces a NaN from a NaN query row.
         const bool edge = n0 + kBlockN > n_end ||
                           (kCausal && n0 + kBlockN - 1 > causal_pos0 + warp_row0);
         if constexpr (!kFusedScale) {
@@ -355,7 +356,8 @@ __device__ __forceinline__ void mma_attention_block(
           for (int r = 0; r < 2; ++r) {
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], 1));
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], 2));
-            const float m_new = fmaxf(m[mt][r], mx[r] * scale);  // log2 domain (-inf * scale = -inf)
+            // log2 domain (-inf * scale = -inf)
+            const float m_new = fmaxf(m[mt][r], mx[r] * scale);
             m_use[r] = m_new == -INFINITY ? 0.f : m_new;
             rescale[r] = softmax_exp2<kFastExp>(m[mt][r] - m_use[r]);  // 0 while m = -inf
             m[mt][r] = m_new;
@@ -363,7 +365,8 @@ __device__ __forceinline__ void mma_attention_block(
           float psum[2] = {0.f, 0.f};
 #pragma unroll
           for (int i = 0; i < kNTiles; ++i) {
-            s[mt][i][0] = softmax_exp2<kFastExp>(fmaf(s[mt][i][0], scale, -m_use[0]));  // 0 for masked keys
+            // 0 for masked keys (-inf)
+            s[mt][i][0] = softmax_exp2<kFastExp>(fmaf(s[mt][i][0], scale, -m_use[0]));
             s[mt][i][1] = softmax_exp2<kFastExp>(fmaf(s[mt][i][1], scale, -m_use[0]));
             s[mt][i][2] = softmax_exp2<kFastExp>(fmaf(s[mt][i][2], scale, -m_use[1]));
             s[mt][i][3] = softmax_exp2<kFastExp>(fmaf(s[mt][i][3], scale, -m_use[1]));

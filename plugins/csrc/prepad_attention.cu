@@ -47,8 +47,9 @@
 //
 // Every register array is indexed by compile-time constants (fully unrolled loops); no kernel
 // spills on sm_80 / sm_90 (see -DEET_PTXAS_VERBOSE=ON); on sm_86 / sm_89 the causal head_dim 128
-// tensor-core tile spills 92 bytes (nvcc 13.0). Global memory outside the rows, columns and cache positions
-// described in eet_attention.h is never read or written, whatever *step and pad_lengths hold.
+// tensor-core tile spills 92 bytes (nvcc 13.0). Global memory outside the rows, columns and cache
+// positions described in eet_attention.h is never read or written, whatever *step and pad_lengths
+// hold.
 
 #include <cooperative_groups.h>
 #include <cuda_fp16.h>
