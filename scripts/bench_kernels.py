@@ -17,10 +17,19 @@ with L2 flushed before every run: by reading a 256 MiB buffer (default), or with
 triton.testing.do_bench's own flush, which zeroes it and so leaves dirty lines that the timed kernel
 then writes back (see Bench.time_ms).
 
+With ``--engine`` each case also runs the plugin the way users meet it, alone in a TensorRT engine
+(:mod:`eet.runtime.single_plugin`, plan built without a GPU): timed per ``execute_async_v3`` (TensorRT calls
+the plugin's Python ``enqueue`` every time) and replayed from a CUDA graph captured around it, plus the host
+time per call of the launcher, of ``execute_async_v3`` and of a graph replay. Where the TensorRT flavour does
+not list the GPU (TensorRT-RTX on an H100), set ``EET_CC_SHIM`` to the test shim's folder: the script then
+loads it before CUDA starts and deserializes through it, as the GPU tests do (benchmarks only; the product
+never loads it).
+
 Usage (from the repository root, on a machine with an NVIDIA GPU):
 
     EET_KERNELS_LIB=/tmp/eet-build/libeet_kernels.so python3 scripts/bench_kernels.py \\
-        [--cases varlen-b32,decode-1k] [--dtype fp16|fp32] [--l2-flush read|write] [--json OUT] [--seed N]
+        [--cases varlen-b32,decode-1k] [--dtype fp16|fp32] [--l2-flush read|write] [--engine] [--json OUT]
+        [--seed N]
 
 The module imports only the standard library at import time (torch and triton are imported by main()).
 """
@@ -30,8 +39,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -122,6 +133,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="how L2 is cleared before every timed run: read a 256 MiB buffer (default: leaves clean "
                              "lines) or zero it (triton do_bench's own flush: leaves dirty lines to write back)")
     parser.add_argument("--no-baselines", action="store_true", help="time our kernels only (still checked)")
+    parser.add_argument("--engine", action="store_true",
+                        help="also time the plugin alone in a TensorRT engine (per execute_async_v3 and from a CUDA "
+                             "graph) and the host time per call; EET_CC_SHIM=DIR deserializes through the test shim")
     args = parser.parse_args(argv)
     names = list(CASES) if args.cases.strip() == "all" else [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [n for n in names if n not in CASES]
@@ -166,6 +180,21 @@ def markdown_table(rows, baselines) -> str:
     return "\n".join(lines)
 
 
+def engine_table(rows) -> str:
+    head = ["case", "launcher (us)", "engine, execute_async_v3 (us)", "engine, CUDA graph (us)",
+            "host per call: launcher / execute_async_v3 / graph replay (us)", "max |diff| engine"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        e = r.get("engine")
+        if not e:
+            continue
+        host = f"{e['host_launcher_us']:.1f} / {e['host_engine_us']:.1f} / {e['host_graph_us']:.1f}"
+        cells = [r["case"], fmt_us(r["ours_ms"]), fmt_us(e["engine_ms"]), fmt_us(e["graph_ms"]), host,
+                 f"{e['diff']:.2g}"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU side (torch, triton imported by main)
 
@@ -193,6 +222,7 @@ class Bench:
             do_bench = None
         self._do_bench = do_bench
         self._flush = None
+        self.deserialize_hook = None  # set by main() when EET_CC_SHIM is loaded
 
     def time_ms(self, fn) -> float:
         """Median time of fn in ms (CUDA events, L2 flushed before every run).
@@ -361,7 +391,23 @@ def run_varlen(bench: Bench, case: Case):
     for name, (fn, reason) in bench.sdpa_masked(qp, kp, vp, mask).items():
         baselines[name] = (fn, reason, unpad)
     flops = attention_flops(lengths, H, D, causal=False)
-    return finish(bench, case, ours, out, ref, baselines, flops=flops)
+    row = finish(bench, case, ours, out, ref, baselines, flops=flops)
+    if bench.args.engine:
+        from eet.plugins.spec import VARLEN_ATTENTION
+
+        dt = {"fp16": "float16", "fp32": "float32"}[bench.args.dtype]
+        eng_out = torch.empty_like(q)
+        carrier = torch.empty(S, dtype=torch.int32, device="cuda")
+        inputs = [(n, dt, ["t", H * D]) for n in ("query", "key", "value")] + [
+            ("cu_seqlens", "int32", ["b1"]), ("max_seqlen", "int32", ["s"])]
+        shapes = {"query": (T, H * D), "key": (T, H * D), "value": (T, H * D), "cu_seqlens": (B + 1,),
+                  "max_seqlen": (S,)}
+        addresses = {"query": q.data_ptr(), "key": k.data_ptr(), "value": v.data_ptr(), "cu_seqlens": cu.data_ptr(),
+                     "max_seqlen": carrier.data_ptr(), "context": eng_out.data_ptr()}
+        row["engine"] = engine_timing(bench, ours, VARLEN_ATTENTION, (inputs, [("context", dt, ["t", H * D])]),
+                                      dict(num_heads=H, head_dim=D, scale=D ** -0.5), shapes, addresses,
+                                      lambda: eng_out, ref)
+    return row
 
 
 def prepad_launcher(bench: Bench, q, k, v, out, k_cache, v_cache, pads, step: int):
@@ -383,6 +429,57 @@ def prepad_launcher(bench: Bench, q, k, v, out, k_cache, v_cache, pads, step: in
 
     ours.pad_lengths, ours.step = pads_dev, step_dev  # the device tensors params points at, kept alive
     return ours
+
+
+def host_us(torch, fn, calls: int = 200) -> float:
+    """Host time per call of ``fn`` in us: ``calls`` back-to-back calls without synchronizing (the GPU work
+    queues up), after one warm call."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
+def engine_timing(bench: Bench, ours, spec, io, attrs, shapes, addresses, result, expect):
+    """The plugin alone in a TensorRT engine on the case's buffers: its output (``result()``, compared with
+    ``expect``), its time per ``execute_async_v3`` and per CUDA-graph replay, and host times per call.
+
+    io: (inputs, outputs) as :func:`eet.runtime.single_plugin.one_node_onnx` takes them; shapes: the profile
+    (the case's shapes as min = opt = max); addresses: every I/O name -> device address."""
+    torch = bench.torch
+    from eet.runtime.single_plugin import SingleNodeEngine
+
+    t0 = time.perf_counter()
+    eng = SingleNodeEngine(spec, io[0], io[1], attrs, {k: (v, v, v) for k, v in shapes.items()},
+                           deserialize_hook=bench.deserialize_hook)
+    eng.bind(shapes, addresses)
+    print(f"  one-node {spec.name} engine built and loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    def engine():
+        eng.run(torch.cuda.current_stream().cuda_stream)
+
+    engine()
+    torch.cuda.synchronize()
+    diff = (result().float() - expect.float()).abs().max().item()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        engine()  # the capture must not be the first run of a shape (TensorRT-RTX compiles kernels then)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        engine()
+    out = {"engine_ms": bench.time_ms(engine), "graph_ms": bench.time_ms(graph.replay), "diff": diff,
+           "host_launcher_us": host_us(torch, ours), "host_engine_us": host_us(torch, engine),
+           "host_graph_us": host_us(torch, graph.replay)}
+    print(f"  engine: {out['engine_ms'] * 1e3:.1f} us per execute_async_v3, {out['graph_ms'] * 1e3:.1f} us per graph "
+          f"replay; host per call: launcher {out['host_launcher_us']:.1f} us, execute_async_v3 "
+          f"{out['host_engine_us']:.1f} us, replay {out['host_graph_us']:.1f} us; max |diff| {diff:.3g}", flush=True)
+    return out
 
 
 def run_context(bench: Bench, case: Case):
@@ -466,7 +563,23 @@ def run_decode(bench: Bench, case: Case):
 
     baselines = {name: (fn, reason, as_ours) for name, (fn, reason) in bench.sdpa_masked(qh, kk, vv, mask).items()}
     nbytes = decode_kv_bytes(pads, s, H, D, DTYPE_BYTES[bench.args.dtype])
-    return finish(bench, case, ours, out, as_ours(ref), baselines, kv_bytes=nbytes)
+    row = finish(bench, case, ours, out, as_ours(ref), baselines, kv_bytes=nbytes)
+    if bench.args.engine:
+        from eet.plugins.spec import PREPAD_ATTENTION
+
+        dt = {"fp16": "float16", "fp32": "float32"}[bench.args.dtype]
+        qkv = torch.cat([q, k, v], dim=-1).contiguous()  # the plugin's fused input [B, 1, 3 * H * D]
+        eng_out = torch.empty_like(q)
+        cache = ["b", H, L, D]
+        inputs = [("qkv", dt, ["b", 1, 3 * H * D]), ("pad_lengths", "int32", ["b"]), ("step", "int32", [1]),
+                  ("past_key", dt, cache), ("past_value", dt, cache)]
+        shapes = {"qkv": (B, 1, 3 * H * D), "pad_lengths": (B,), "past_key": (B, H, L, D), "past_value": (B, H, L, D)}
+        addresses = {"qkv": qkv.data_ptr(), "pad_lengths": ours.pad_lengths.data_ptr(), "step": ours.step.data_ptr(),
+                     "past_key": k_cache.data_ptr(), "past_value": v_cache.data_ptr(), "context": eng_out.data_ptr()}
+        row["engine"] = engine_timing(bench, ours, PREPAD_ATTENTION, (inputs, [("context", dt, ["b", 1, H * D])]),
+                                      dict(num_heads=H, head_dim=D, scale=D ** -0.5), shapes, addresses,
+                                      lambda: eng_out, as_ours(ref))
+    return row
 
 
 def _cumsum(xs):
@@ -534,6 +647,12 @@ RUNNERS = {"varlen": run_varlen, "decode": run_decode, "context": run_context}
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    shim = None
+    if args.engine and os.environ.get("EET_CC_SHIM"):  # before anything initializes CUDA
+        sys.path.insert(0, os.environ["EET_CC_SHIM"])
+        import cc_shim as shim
+
+        shim.load()
     try:
         import torch
     except ImportError:
@@ -548,6 +667,8 @@ def main(argv=None) -> int:
     except RuntimeError as exc:  # the kernel library is missing or stale
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if shim is not None:
+        bench.deserialize_hook = shim.faked_capability
     name = torch.cuda.get_device_name()
     print(f"device: {name} | torch {torch.__version__} | dtype {args.dtype} | seed {args.seed}", flush=True)
     bench.ceil = bench.ceilings()
@@ -555,9 +676,10 @@ def main(argv=None) -> int:
     print(f"ceilings: fp16 GEMM {GEMM_N}^3 {c['gemm_fp16_tflops']:.0f} TFLOP/s; device copy of 1 GiB "
           f"{c['copy_gbps']:.0f} GB/s (read + write)", flush=True)
     rows = []
-    for case in args.case_list:
-        rows.append(RUNNERS[case.kind](bench, case))
-        torch.cuda.empty_cache()
+    with torch.cuda.stream(torch.cuda.Stream()):  # not the default stream, which TensorRT synchronizes around
+        for case in args.case_list:
+            rows.append(RUNNERS[case.kind](bench, case))
+            torch.cuda.empty_cache()
     names = []
     for r in rows:
         names += [n for n in r["baselines"] if n not in names]
@@ -566,6 +688,12 @@ def main(argv=None) -> int:
           f"fp16 GEMM {c['gemm_fp16_tflops']:.0f} TFLOP/s, copy {c['copy_gbps']:.0f} GB/s")
     print()
     print(markdown_table(rows, names))
+    if any(r.get("engine") for r in rows):
+        shim_note = " (plans deserialized through the test shim)" if shim is not None else ""
+        print()
+        print(f"The plugin alone in a TensorRT engine{shim_note}: time per call (same flush) and host time per call")
+        print()
+        print(engine_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__, "dtype": args.dtype,
                                                "seed": args.seed, "ceilings": c, "rows": rows}, indent=2,

@@ -120,3 +120,13 @@ def test_rejection_reason(bench):
     torch_order = ["Flash attention kernel not used because: (Triggered internally at /pytorch/a.cpp:3.)", msgs[1]]
     assert bench.rejection_reason(torch_order, err, "flash") == (
         "Flash attention kernel not used because: Flash attention does not support non-null attn_mask.")
+
+
+def test_engine_option_and_table(bench):
+    assert bench.parse_args([]).engine is False and bench.parse_args(["--engine"]).engine is True
+    rows = [{"case": "decode-1k", "ours_ms": 0.0363},  # no engine timing: no line
+            {"case": "varlen-b32", "ours_ms": 0.0697,
+             "engine": {"engine_ms": 0.0707, "graph_ms": 0.0706, "diff": 4.8e-4, "host_launcher_us": 4.1,
+                        "host_engine_us": 48.6, "host_graph_us": 2.2}}]
+    lines = bench.engine_table(rows).splitlines()
+    assert len(lines) == 3 and lines[2] == "| varlen-b32 | 69.7 | 70.7 | 70.6 | 4.1 / 48.6 / 2.2 | 0.00048 |"

@@ -1,0 +1,91 @@
+"""A one-plugin engine executed by TensorRT on the GPU computes what the launcher computes: the plan is built
+without a GPU (eet.runtime.single_plugin), TensorRT calls the plugin's Python enqueue, and the outputs (and,
+for pre-padding attention, the KV caches it updates in place) equal the launcher's bit for bit on the same
+random inputs. On an H100/H200 with TensorRT-RTX this needs the test shim (EET_CC_SHIM, tests/conftest.py)."""
+import pytest
+
+from conftest import cuda_available
+
+pytestmark = pytest.mark.gpu
+if not cuda_available():
+    pytest.skip("needs an NVIDIA GPU", allow_module_level=True)
+
+import torch  # noqa: E402
+
+from eet.plugins import _lib  # noqa: E402
+from eet.plugins.spec import PREPAD_ATTENTION, VARLEN_ATTENTION  # noqa: E402
+from eet.runtime.single_plugin import SingleNodeEngine  # noqa: E402
+
+H, D = 4, 64
+DT = {"fp16": (torch.float16, "float16", _lib.DTYPE_FP16), "fp32": (torch.float32, "float32", _lib.DTYPE_FP32)}
+ATTRS = dict(num_heads=H, head_dim=D, scale=D ** -0.5)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_varlen_engine_equals_launcher(dtype, deserialize_hook, rng):
+    tdt, name, code = DT[dtype]
+    lengths = [int(n) for n in rng.integers(1, 200, size=5)]
+    T, S = sum(lengths), max(lengths)
+    q, k, v = (torch.from_numpy(rng.standard_normal((T, H * D), dtype="float32")).to(tdt).cuda() for _ in range(3))
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device="cuda")
+    carrier = torch.empty(S, dtype=torch.int32, device="cuda")
+    want, got = torch.full_like(q, float("nan")), torch.full_like(q, float("nan"))
+    _lib.varlen_attention(_lib.make_varlen_params(dtype=code, num_heads=H, head_dim=D, batch=len(lengths),
+                                                  max_seqlen=S, total_tokens=T, q=q.data_ptr(), k=k.data_ptr(),
+                                                  v=v.data_ptr(), out=want.data_ptr(), cu_seqlens=cu.data_ptr()), 0)
+    inputs = [(n, name, ["t", H * D]) for n in ("query", "key", "value")] + [("cu_seqlens", "int32", ["b1"]),
+                                                                               ("max_seqlen", "int32", ["s"])]
+    shapes = {"query": (T, H * D), "key": (T, H * D), "value": (T, H * D), "cu_seqlens": (len(lengths) + 1,),
+              "max_seqlen": (S,)}
+    profile = {n: ((1,) + s[1:], s, s) if n not in ("cu_seqlens", "max_seqlen") else ((1,), s, s)
+               for n, s in shapes.items()}
+    eng = SingleNodeEngine(VARLEN_ATTENTION, inputs, [("context", name, ["t", H * D])], ATTRS, profile,
+                           deserialize_hook=deserialize_hook)
+    eng.bind(shapes, {"query": q.data_ptr(), "key": k.data_ptr(), "value": v.data_ptr(), "cu_seqlens": cu.data_ptr(),
+                      "max_seqlen": carrier.data_ptr(), "context": got.data_ptr()})
+    stream = torch.cuda.Stream()
+    eng.run(stream.cuda_stream)
+    stream.synchronize()
+    torch.cuda.synchronize()
+    assert torch.isfinite(want).all() and torch.equal(got, want), f"lengths {lengths}"
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+@pytest.mark.parametrize("phase", ["context", "decode"])
+def test_prepad_engine_equals_launcher(dtype, phase, deserialize_hook, rng):
+    tdt, name, code = DT[dtype]
+    B, L = 6, 96
+    S, step = (40, 0) if phase == "context" else (1, int(rng.integers(40, L - 1)))
+    pads = torch.tensor(rng.integers(0, 30, size=B), dtype=torch.int32, device="cuda")
+    step_dev = torch.tensor([step], dtype=torch.int32, device="cuda")
+    qkv = torch.from_numpy(rng.standard_normal((B, S, 3 * H * D), dtype="float32")).to(tdt).cuda()
+    caches = torch.from_numpy(rng.standard_normal((2, B, H, L, D), dtype="float32")).to(tdt).cuda()
+    want_caches, got_caches = caches.clone(), caches.clone()
+    want = torch.full((B, S, H * D), float("nan"), dtype=tdt, device="cuda")
+    got = want.clone()
+    hidden = H * D
+    elem = qkv.element_size()
+    _lib.prepad_attention(_lib.make_prepad_params(
+        dtype=code, num_heads=H, head_dim=D, batch=B, seq=S, max_len=L, q=qkv.data_ptr(),
+        k=qkv.data_ptr() + hidden * elem, v=qkv.data_ptr() + 2 * hidden * elem, out=want.data_ptr(),
+        k_cache=want_caches[0].data_ptr(), v_cache=want_caches[1].data_ptr(), pad_lengths=pads.data_ptr(),
+        step=step_dev.data_ptr(), q_row_stride=3 * hidden, k_row_stride=3 * hidden, v_row_stride=3 * hidden), 0)
+    cache = ["b", H, L, D]
+    inputs = [("qkv", name, ["b", "s", 3 * hidden]), ("pad_lengths", "int32", ["b"]), ("step", "int32", [1]),
+              ("past_key", name, cache), ("past_value", name, cache)]
+    shapes = {"qkv": (B, S, 3 * hidden), "pad_lengths": (B,), "past_key": (B, H, L, D), "past_value": (B, H, L, D)}
+    profile = {"qkv": ((1, 1, 3 * hidden), (B, S, 3 * hidden), (B, S, 3 * hidden)), "pad_lengths": ((1,), (B,), (B,)),
+               "past_key": ((1, H, L, D), (B, H, L, D), (B, H, L, D)),
+               "past_value": ((1, H, L, D), (B, H, L, D), (B, H, L, D))}
+    eng = SingleNodeEngine(PREPAD_ATTENTION, inputs, [("context", name, ["b", "s", hidden])], ATTRS, profile,
+                           deserialize_hook=deserialize_hook)
+    eng.bind(shapes, {"qkv": qkv.data_ptr(), "pad_lengths": pads.data_ptr(), "step": step_dev.data_ptr(),
+                      "past_key": got_caches[0].data_ptr(), "past_value": got_caches[1].data_ptr(),
+                      "context": got.data_ptr()})
+    stream = torch.cuda.Stream()
+    eng.run(stream.cuda_stream)
+    stream.synchronize()
+    torch.cuda.synchronize()
+    assert torch.isfinite(want).all(), f"pads {pads.tolist()} step {step}"
+    assert torch.equal(got, want) and torch.equal(got_caches, want_caches), f"pads {pads.tolist()} step {step}"
+    assert not torch.equal(got_caches, caches)  # the engine did append in place
