@@ -2,7 +2,11 @@
 torch.profiler, top 25 by total GPU time. Tests/benchmarks infrastructure: TensorRT-RTX plans go through the
 test shim on GPUs it does not list (EET_CC_SHIM, as scripts/with_cc_shim.py).
 
-    EET_CC_SHIM=... python scripts/profile_engine.py DIR [--batch 32] [--past 512] [--iters 20]
+    EET_CC_SHIM=... python scripts/profile_engine.py DIR [--batch 32] [--past 512] [--iters 20] [--layers [N]]
+
+With ``--layers``, TensorRT's own per-layer times instead (an ``IProfiler`` on the decode / BERT context;
+TensorRT then times every layer of every call, so the total is above the un-profiled step): the N slowest
+layers by mean time (``--layers N``, default 30), with the names TensorRT gave them, which say which ONNX nodes a kernel came from.
 """
 import argparse
 import os
@@ -24,6 +28,8 @@ if __name__ == "__main__":
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--cuda-graphs", default="off")
     p.add_argument("--specialization", default="auto")
+    p.add_argument("--layers", type=int, nargs="?", const=30, default=0, metavar="N",
+                   help="per-layer times from TensorRT's IProfiler: the N slowest layers (default 30)")
     args = p.parse_args()
     import numpy as np
     import torch
@@ -49,6 +55,26 @@ if __name__ == "__main__":
             feeds = pack([rng.integers(0, engine.limits.vocab_size, n).tolist() for n in lengths])
             engine.run_packed(feeds)
             run = lambda: engine.run_packed(feeds, copy=False)  # noqa: E731
+        if args.layers:
+            trt = engine.trt.module
+            times = {}
+
+            class LayerTimes(trt.IProfiler):
+                def __init__(self):
+                    trt.IProfiler.__init__(self)
+
+                def report_layer_time(self, name, ms):
+                    times.setdefault(name, []).append(ms)
+
+            context = engine.contexts[-1].context  # GPT-2: the decode profile; BERT: its only one
+            context.profiler = LayerTimes()
+            for _ in range(args.iters):
+                run()
+            total = sum(sum(v) for v in times.values()) / args.iters
+            print(f"{len(times)} layers, {total * 1e3:.1f} us per call (profiled)")
+            for name, v in sorted(times.items(), key=lambda kv: -sum(kv[1]))[:args.layers]:
+                print(f"{sum(v) / len(v) * 1e3:8.2f} us  x{len(v) // args.iters}  {name[:100]}")
+            sys.exit(0)
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             for _ in range(args.iters):
                 run()
