@@ -52,11 +52,12 @@ __all__ = [
     "make_varlen_params",
     "prepad_attention",
     "prepad_supported",
+    "prepad_workspace_size",
     "supported",
     "varlen_attention",
 ]
 
-ABI_VERSION = 2  # eet_abi_version() this binding is written for
+ABI_VERSION = 3  # eet_abi_version() this binding is written for (3: the decode workspace)
 LIBRARY_NAME = "libeet_kernels.so"
 ENV_VAR = "EET_KERNELS_LIB"
 
@@ -121,6 +122,8 @@ class PrepadAttentionParams(ctypes.Structure):
         ("max_len", ctypes.c_int32),
         ("scale", ctypes.c_float),
         ("dtype", ctypes.c_int32),
+        ("workspace", ctypes.c_void_p),  # decode split scratch without clusters (before sm_90), or NULL
+        ("workspace_bytes", ctypes.c_int64),
     ]
 
 
@@ -208,6 +211,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.eet_prepad_attention.restype = ctypes.c_int
     lib.eet_prepad_attention_supported.argtypes = [ctypes.c_int32, ctypes.c_int32]
     lib.eet_prepad_attention_supported.restype = ctypes.c_int
+    lib.eet_prepad_attention_workspace_size.argtypes = [ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]
+    lib.eet_prepad_attention_workspace_size.restype = ctypes.c_int64
     lib.eet_last_error_message.argtypes = []
     lib.eet_last_error_message.restype = ctypes.c_char_p
 
@@ -268,6 +273,16 @@ def supported(dtype: int, head_dim: int) -> bool:
 def prepad_supported(dtype: int, head_dim: int) -> bool:
     """Whether eet_prepad_attention is built for (dtype, head_dim)."""
     return bool(load_library().eet_prepad_attention_supported(int(dtype), int(head_dim)))
+
+
+def prepad_workspace_size(batch: int, num_heads: int, head_dim: int) -> int:
+    """Bytes of ``workspace`` the decode split of eet_prepad_attention may use (without clusters, before
+    sm_90): ``batch * num_heads * 8 * (head_dim + 2) * 4``, as eet_prepad_attention_workspace_size() says.
+    Pure Python, so that an engine build needs no library; ``tests/plugins/test_lib_abi.py`` checks the two
+    agree."""
+    if min(batch, num_heads, head_dim) <= 0:
+        return 0
+    return batch * num_heads * 8 * (head_dim + 2) * 4
 
 
 def last_error_message() -> str:
@@ -353,6 +368,8 @@ def make_prepad_params(
     v_cache: int | None = None,
     pad_lengths: int | None = None,
     step: int | None = None,
+    workspace: int | None = None,
+    workspace_bytes: int = 0,
     q_row_stride: int | None = None,
     k_row_stride: int | None = None,
     v_row_stride: int | None = None,
@@ -364,7 +381,8 @@ def make_prepad_params(
     return _filled(PrepadAttentionParams, num_heads, head_dim, scale,
                    (q_row_stride, k_row_stride, v_row_stride, out_row_stride),
                    q=q, k=k, v=v, out=out, k_cache=k_cache, v_cache=v_cache, pad_lengths=pad_lengths, step=step,
-                   batch=batch, seq=seq, max_len=max_len, dtype=dtype)
+                   batch=batch, seq=seq, max_len=max_len, dtype=dtype, workspace=workspace,
+                   workspace_bytes=workspace_bytes)
 
 
 def prepad_attention(params: PrepadAttentionParams, stream: int) -> None:

@@ -179,6 +179,13 @@ def make_classes(trt):
                 raise ValueError(f"EetPrePadAttention: qkv is {dims}, expected [B, S, 3 * {hidden}] (queries, keys "
                                  f"and values of {self.attrs['num_heads']} heads of {self.attrs['head_dim']})")
 
+        def get_workspace_size(self, inputs, outputs):
+            # the decode split's scratch where there are no clusters (before sm_90), for the largest batch
+            from eet.plugins._lib import prepad_workspace_size
+
+            return prepad_workspace_size(max(int(inputs[0].max[0]), 1), self.attrs["num_heads"],
+                                         self.attrs["head_dim"])
+
         def on_shape_change(self, inputs, outputs):
             from eet.plugins import _lib
 
@@ -197,7 +204,7 @@ def make_classes(trt):
                 dtype=_lib.DTYPE_FP16 if fp16 else _lib.DTYPE_FP32,
                 num_heads=heads, head_dim=head_dim, scale=self.attrs["scale"], batch=dims[0], seq=dims[1],
                 max_len=int(cache.dims[2]), q_row_stride=3 * hidden, k_row_stride=3 * hidden,
-                v_row_stride=3 * hidden)
+                v_row_stride=3 * hidden, workspace_bytes=_lib.prepad_workspace_size(dims[0], heads, head_dim))
 
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
             p = self._params
@@ -205,6 +212,7 @@ def make_classes(trt):
             p.q, p.k, p.v = qkv, qkv + self._k_offset, qkv + self._v_offset
             p.pad_lengths, p.step, p.k_cache, p.v_cache = inputs[1], inputs[2], inputs[3], inputs[4]
             p.out = outputs[0]
+            p.workspace = workspace or None
             self._lib.prepad_attention(p, stream)
 
     def creator_class(plugin_cls):

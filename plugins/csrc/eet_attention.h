@@ -62,7 +62,7 @@ EET_API int eet_varlen_attention_supported(int32_t dtype, int32_t head_dim);
 EET_API const char* eet_last_error_message(void);
 
 // Version of this library's ABI; bumped when a parameter struct changes or is added (2: the pre-padding
-// attention below).
+// attention below; 3: its decode workspace, EetPrepadAttentionParams.workspace).
 EET_API int32_t eet_abi_version(void);
 
 // Pre-padding attention for GPT-2 style generation with a KV cache (EET). Prompts are left-padded so
@@ -110,12 +110,22 @@ typedef struct EetPrepadAttentionParams {
   int32_t max_len;             // cache capacity in tokens, >= 1
   float scale;                 // softmax scale, usually 1/sqrt(head_dim)
   int32_t dtype;               // EetDtype (Q, K, V, out and both caches)
+  void* workspace;             // decode (seq == 1) without thread-block clusters (before sm_90):
+                               // scratch that lets a long row's keys be split over several blocks
+                               // (their softmax states go here, a second kernel merges them);
+                               // 16-byte aligned, or NULL (no split there). Written and read within
+                               // the call only. On sm_90+ the split uses clusters and no workspace.
+  int64_t workspace_bytes;     // its size: a split needs eet_prepad_attention_workspace_size() bytes
 } EetPrepadAttentionParams;
 
 EET_API cudaError_t eet_prepad_attention(const EetPrepadAttentionParams* params, cudaStream_t stream);
 
 // 1 when eet_prepad_attention is built for (dtype, head_dim), else 0.
 EET_API int eet_prepad_attention_supported(int32_t dtype, int32_t head_dim);
+
+// Bytes of workspace the decode split may use: batch * num_heads * 8 * (head_dim + 2) * 4 (8 splits of
+// a (row, head), each an fp32 O of head_dim plus its max and denominator); 0 for a non-positive argument.
+EET_API int64_t eet_prepad_attention_workspace_size(int32_t batch, int32_t num_heads, int32_t head_dim);
 
 #ifdef __cplusplus
 }

@@ -29,9 +29,11 @@
 // 2b. seq == 1 (decode, memory bound): prepad_decode_kernel alone (no append kernel: it appends the
 //    new key and value itself and reads them from k and v, so no block reads a cache position that
 //    this launch writes). grid = (splits, num_heads, min(batch, 65535)), blocks looping over b;
-//    4 or 8 warps per block. splits > 1 (flash-decoding; sm_90+ only, chosen on the host from
-//    batch * num_heads, max_len and the resident blocks of the GPU, see launch_decode): the
-//    (b, h)'s blocks form a cluster. Its valid range [pad, s] is cut on the device into
+//    4 or 8 warps per block. splits > 1 (flash-decoding, chosen on the host from batch * num_heads,
+//    max_len and the resident blocks of the GPU, see launch_decode): on sm_90+ the (b, h)'s blocks
+//    form a cluster; before sm_90 (no clusters) they are independent blocks that leave their
+//    softmax states in the caller's workspace, and prepad_decode_merge_kernel merges them (without
+//    a workspace there is no split). Its valid range [pad, s] is cut on the device into
 //    splits * warps even contiguous shares, one per warp (the last one also takes key s).
 //    A cache row of D elements is kVecs 16-byte vectors; a group of kLanesPerKey lanes (4 or 8)
 //    reads one key row, lane g vectors g, g + G, ... (kVecsPerLane of them, the last slot empty in
@@ -42,8 +44,8 @@
 //    own online-softmax state (m, l and its lanes' slices of O in fp32 registers). At the end the
 //    groups of a warp are merged by shuffles, the warps of a block through shared memory, the
 //    blocks of a cluster in its first block (each block stores its (m, l, O) into the first block's
-//    shared memory, distributed shared memory: no workspace), and O / l is written (zeros when the
-//    row has no key).
+//    shared memory, distributed shared memory: no workspace) or, workspace split, by the merge
+//    kernel, and O / l is written (zeros when the row has no key).
 //
 // Every register array is indexed by compile-time constants (fully unrolled loops); no kernel
 // spills on sm_80 / sm_90 (see -DEET_PTXAS_VERBOSE=ON); on sm_86 / sm_89 the causal head_dim 128
@@ -100,6 +102,12 @@ struct PrepadArgs {
   int32_t append_vec;      // 1: k, v and both caches allow 16-byte accesses
   int32_t attention_vec;   // 1: q, out and both caches allow 16-byte accesses
 };
+
+// The decode split's workspace (without clusters, see launch_decode): per (row, head, split) its O
+// [batch * num_heads * splits][D], then its (m, l) [batch * num_heads * splits][2], from ws.
+__device__ __forceinline__ int64_t decode_ws_states(const PrepadArgs& a, int splits) {
+  return static_cast<int64_t>(a.batch) * a.num_heads * splits;
+}
 
 // ------------------------------------------------------------------------------------------------
 // Small device helpers
@@ -590,9 +598,9 @@ __device__ __forceinline__ void decode_fold(
 // one (row, head) and each takes an even share of its keys; every block merges its warps in shared
 // memory and sends its partial softmax state (m, l, O) to the first block's shared memory
 // (distributed shared memory: no workspace), which merges them and writes the output.
-template <typename T, int D>
+template <typename T, int D, bool kWorkspace>
 __global__ void __launch_bounds__(DecodeConfig<T, D>::kMaxThreads, DecodeConfig<T, D>::kMinBlocks)
-    prepad_decode_kernel(const PrepadArgs a) {
+    prepad_decode_kernel(const PrepadArgs a, float* __restrict__ ws) {
   using Cfg = DecodeConfig<T, D>;
   constexpr int E = Cfg::kElems;
   constexpr int G = Cfg::kLanesPerKey;
@@ -609,14 +617,13 @@ __global__ void __launch_bounds__(DecodeConfig<T, D>::kMaxThreads, DecodeConfig<
   __shared__ float xm_s[kS];                   // ... its max
   __shared__ float xl_s[kS];                   // ... its denominator
 
-#if __CUDA_ARCH__ >= 900
-  const int splits = static_cast<int>(gridDim.x);  // the cluster: one (row, head)
-  const int split = static_cast<int>(cooperative_groups::this_cluster().block_rank());
-#else
-  // No clusters before sm_90: the host launches one block per (row, head) there.
-  if (blockIdx.x != 0) return;
-  constexpr int splits = 1;
-  constexpr int split = 0;
+  // splits > 1: a cluster of (splits, 1, 1) per (row, head) (sm_90+), or, kWorkspace (any
+  // architecture), independent blocks that leave their states in ws for prepad_decode_merge_kernel
+  const int splits = static_cast<int>(gridDim.x);
+  const int split = static_cast<int>(blockIdx.x);  // = the block's rank in its cluster
+  constexpr bool via_ws = kWorkspace;
+#if __CUDA_ARCH__ < 900
+  if (splits > 1 && !via_ws) return;  // the host never launches that: no clusters before sm_90
 #endif
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -635,7 +642,7 @@ __global__ void __launch_bounds__(DecodeConfig<T, D>::kMaxThreads, DecodeConfig<
 #if __CUDA_ARCH__ >= 900
   // Another block's shared memory may be written only once that block runs: every block of the
   // cluster has started after this barrier.
-  if (splits > 1) cooperative_groups::this_cluster().sync();
+  if (splits > 1 && !via_ws) cooperative_groups::this_cluster().sync();
 #endif
 
   for (int64_t b = blockIdx.z; b < a.batch; b += gridDim.z) {
@@ -779,7 +786,16 @@ __global__ void __launch_bounds__(DecodeConfig<T, D>::kMaxThreads, DecodeConfig<
       }
     }
     const bool last_row = b + gridDim.z >= a.batch;
-    if (splits > 1) {
+    if (splits > 1 && via_ws) {
+      // The block's state to the workspace; prepad_decode_merge_kernel merges and writes the output.
+      if (t < D / 4) {
+        const int64_t slot = (b * a.num_heads + h) * splits + split;
+        *reinterpret_cast<float4*>(ws + slot * D + 4 * t) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+        if (t == 0) {
+          *reinterpret_cast<float2*>(ws + decode_ws_states(a, splits) * D + 2 * slot) = make_float2(mb, den);
+        }
+      }
+    } else if (splits > 1) {
       // Send the block's state to the first block, then merge the blocks there.
       if (t < D / 4) {
         *reinterpret_cast<float4*>(decode_remote(&xo_s[split][4 * t], 0)) =
@@ -814,7 +830,7 @@ __global__ void __launch_bounds__(DecodeConfig<T, D>::kMaxThreads, DecodeConfig<
         }
       }
     }
-    if (split == 0 && t < D / 4) {
+    if (split == 0 && !(splits > 1 && via_ws) && t < D / 4) {
       const float inv = den > 0.f ? 1.f / den : 0.f;  // den >= 1 when the row has a key
       T* dst = static_cast<T*>(a.out) + b * a.o_stride + static_cast<int64_t>(h) * D + 4 * t;
       store4(dst, acc[0] * inv, acc[1] * inv, acc[2] * inv, acc[3] * inv, vec);
@@ -824,7 +840,7 @@ __global__ void __launch_bounds__(DecodeConfig<T, D>::kMaxThreads, DecodeConfig<
     // memory, and their stores into the first block's are complete (the cluster barrier).
     if (!last_row) {
 #if __CUDA_ARCH__ >= 900
-      if (splits > 1) {
+      if (splits > 1 && !via_ws) {
         cooperative_groups::this_cluster().sync();
       } else {
         __syncthreads();
@@ -833,6 +849,45 @@ __global__ void __launch_bounds__(DecodeConfig<T, D>::kMaxThreads, DecodeConfig<
       __syncthreads();
 #endif
     }
+  }
+}
+
+// The workspace split's second kernel: grid = (num_heads, min(batch, 65535)), D / 4 threads; thread t
+// merges elements 4t .. 4t + 3 of the `splits` states of its (row, head) and writes the output (zeros
+// when the row has no key), as the cluster merge does.
+template <typename T, int D>
+__global__ void __launch_bounds__(D / 4)
+    prepad_decode_merge_kernel(const PrepadArgs a, const float* __restrict__ ws, const int splits) {
+  constexpr int kS = DecodeConfig<T, D>::kMaxSplits;
+  const int h = blockIdx.x;
+  const int t = threadIdx.x;
+  for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
+    const int64_t base = (b * a.num_heads + h) * splits;
+    float2 ml[kS];
+    float mb = -INFINITY;
+#pragma unroll
+    for (int c = 0; c < kS; ++c) {
+      ml[c] = c < splits ? *reinterpret_cast<const float2*>(ws + decode_ws_states(a, splits) * D + 2 * (base + c))
+                         : make_float2(-INFINITY, 0.f);
+      mb = fmaxf(mb, ml[c].x);
+    }
+    float den = 0.f;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int c = 0; c < kS; ++c) {
+      if (c < splits) {
+        const float fc = ml[c].x == -INFINITY ? 0.f : exp2f(ml[c].x - mb);
+        den = fmaf(fc, ml[c].y, den);
+        const float4 x = *reinterpret_cast<const float4*>(ws + (base + c) * D + 4 * t);
+        acc[0] = fmaf(fc, x.x, acc[0]);
+        acc[1] = fmaf(fc, x.y, acc[1]);
+        acc[2] = fmaf(fc, x.z, acc[2]);
+        acc[3] = fmaf(fc, x.w, acc[3]);
+      }
+    }
+    const float inv = den > 0.f ? 1.f / den : 0.f;
+    T* dst = static_cast<T*>(a.out) + b * a.o_stride + static_cast<int64_t>(h) * D + 4 * t;
+    store4(dst, acc[0] * inv, acc[1] * inv, acc[2] * inv, acc[3] * inv, a.attention_vec != 0);
   }
 }
 
@@ -927,7 +982,7 @@ cudaError_t decode_device_info(int device, int32_t dtype, int* blocks_per_sm, bo
       return cudaSuccess;
     }
   }
-  const auto kernel = prepad_decode_kernel<T, D>;
+  const auto kernel = prepad_decode_kernel<T, D, false>;
   cudaFuncAttributes attr;
   cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
   if (err != cudaSuccess) {
@@ -959,7 +1014,7 @@ template <typename T, int D>
 cudaError_t launch_decode(const EetPrepadAttentionParams& p, const PrepadArgs& a,
                           cudaStream_t stream) {
   using Cfg = DecodeConfig<T, D>;
-  const auto kernel = prepad_decode_kernel<T, D>;
+  const auto kernel = prepad_decode_kernel<T, D, false>;
   int sms = 0;
   cudaError_t err = multiprocessor_count(&sms);
   if (err != cudaSuccess) return err;
@@ -979,8 +1034,14 @@ cudaError_t launch_decode(const EetPrepadAttentionParams& p, const PrepadArgs& a
   // take 2 splits, 128 rows at 512 take none; more splits measured slower there.)
   const int64_t pairs = static_cast<int64_t>(p.batch) * p.num_heads;
   const int64_t slots = static_cast<int64_t>(sms) * blocks_per_sm;
+  // Without clusters (before sm_90; on sm_90 too when EET_DECODE_SPLIT_MODE=workspace asks to
+  // behave so, for tests of that path) the split needs the caller's workspace; without one, no split.
+  const char* mode = getenv("EET_DECODE_SPLIT_MODE");
+  if (mode != nullptr && strcmp(mode, "workspace") == 0) clusters = false;
+  const bool via_ws = !clusters && p.workspace != nullptr &&
+                      p.workspace_bytes >= eet_prepad_attention_workspace_size(p.batch, p.num_heads, D);
   int splits = 1;
-  while (clusters && splits < Cfg::kMaxSplits &&
+  while ((clusters || via_ws) && splits < Cfg::kMaxSplits &&
          100 * pairs * splits < static_cast<int64_t>(EET_DECODE_SPLIT_FILL) * slots &&
          p.max_len / (2 * splits) >= EET_DECODE_MIN_SPLIT_KEYS) {
     splits *= 2;
@@ -988,7 +1049,7 @@ cudaError_t launch_decode(const EetPrepadAttentionParams& p, const PrepadArgs& a
 #ifdef EET_DECODE_TUNING  // benchmarking builds only: EET_DECODE_SPLITS=n forces n splits
   if (const char* env = getenv("EET_DECODE_SPLITS")) {
     const int forced = atoi(env);
-    if (forced >= 1 && forced <= Cfg::kMaxSplits && (clusters || forced == 1)) splits = forced;
+    if (forced >= 1 && forced <= Cfg::kMaxSplits && (clusters || via_ws || forced == 1)) splits = forced;
   }
 #endif
   // kSplitWarps warps per block for split launches and grids that fill the GPU, else kMaxWarps;
@@ -1008,8 +1069,18 @@ cudaError_t launch_decode(const EetPrepadAttentionParams& p, const PrepadArgs& a
   const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(p.num_heads),
                   static_cast<unsigned>(p.batch < 65535 ? p.batch : 65535));
   if (splits == 1) {
-    kernel<<<grid, 32 * warps, 0, stream>>>(a);
+    kernel<<<grid, 32 * warps, 0, stream>>>(a, nullptr);
     err = cudaGetLastError();
+  } else if (via_ws) {  // independent blocks, then the merge
+    float* ws = static_cast<float*>(p.workspace);
+    prepad_decode_kernel<T, D, true><<<grid, 32 * warps, 0, stream>>>(a, ws);
+    err = cudaGetLastError();
+    if (err == cudaSuccess) {
+      const dim3 merge_grid(static_cast<unsigned>(p.num_heads),
+                            static_cast<unsigned>(p.batch < 65535 ? p.batch : 65535));
+      prepad_decode_merge_kernel<T, D><<<merge_grid, D / 4, 0, stream>>>(a, ws, splits);
+      err = cudaGetLastError();
+    }
   } else {
     cudaLaunchConfig_t config = {};
     config.gridDim = grid;
@@ -1023,7 +1094,7 @@ cudaError_t launch_decode(const EetPrepadAttentionParams& p, const PrepadArgs& a
     attribute[0].val.clusterDim.z = 1;
     config.attrs = attribute;
     config.numAttrs = 1;
-    err = cudaLaunchKernelEx(&config, kernel, a);
+    err = cudaLaunchKernelEx(&config, kernel, a, static_cast<float*>(nullptr));
     const cudaError_t last = cudaGetLastError();
     if (err == cudaSuccess) err = last;
   }
@@ -1159,6 +1230,10 @@ cudaError_t validate(const EetPrepadAttentionParams& p, bool* nothing_to_do) {
       return invalid(std::string(ptr.name) + " is NULL (seq = " + std::to_string(p.seq) + ")");
     }
   }
+  if (p.workspace != nullptr && (!aligned16(p.workspace) || p.workspace_bytes < 0)) {
+    return invalid("workspace must be 16-byte aligned with workspace_bytes >= 0 (got " +
+                   std::to_string(p.workspace_bytes) + " bytes); pass NULL for none");
+  }
   return cudaSuccess;
 }
 
@@ -1186,6 +1261,14 @@ extern "C" cudaError_t eet_prepad_attention(const EetPrepadAttentionParams* para
   } catch (...) {  // std::string allocation failed: no exception may cross the C ABI
     return eet::out_of_host_memory();
   }
+}
+
+extern "C" int64_t eet_prepad_attention_workspace_size(int32_t batch, int32_t num_heads,
+                                                       int32_t head_dim) {
+  if (batch <= 0 || num_heads <= 0 || head_dim <= 0) return 0;
+  // kMaxSplits states of (head_dim + 2) floats per (row, head); the same for every DecodeConfig
+  constexpr int64_t kSplits = eet::DecodeConfig<float, 64>::kMaxSplits;
+  return static_cast<int64_t>(batch) * num_heads * kSplits * (head_dim + 2) * 4;
 }
 
 extern "C" int eet_prepad_attention_supported(int32_t dtype, int32_t head_dim) {

@@ -515,4 +515,4 @@ extern "C" int eet_varlen_attention_supported(int32_t dtype, int32_t head_dim) {
 // eet_last_error_message() lives in errors.cu, with the message every launcher shares.
 
 // 2: EetPrepadAttentionParams and eet_prepad_attention were added.
-extern "C" int32_t eet_abi_version(void) { return 2; }
+extern "C" int32_t eet_abi_version(void) { return 3; }

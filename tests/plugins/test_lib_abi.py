@@ -83,8 +83,8 @@ def test_struct_fields_match_header(struct):
     [
         # 5 pointers, 4 int64, 5 int32, 1 float, 1 int32 on an LP64 ABI: 100 bytes padded to 104.
         ("EetVarlenAttentionParams", 104),
-        # 8 pointers, 4 int64, 5 int32, 1 float, 1 int32: 124 bytes padded to 128.
-        ("EetPrepadAttentionParams", 128),
+        # 8 pointers, 4 int64, 5 int32, 1 float, 1 int32 (124 bytes, padded to 128), 1 pointer, 1 int64.
+        ("EetPrepadAttentionParams", 144),
     ],
 )
 def test_struct_layout_is_natural(struct, size):
@@ -206,8 +206,8 @@ def _params(**overrides):
 
 
 def test_abi_version(lib):
-    assert _lib.abi_version() == 2 == _lib.ABI_VERSION
-    assert lib.eet_abi_version() == 2
+    assert _lib.abi_version() == 3 == _lib.ABI_VERSION
+    assert lib.eet_abi_version() == 3
 
 
 def test_supported_table(lib):
@@ -336,12 +336,20 @@ def test_prepad_supported_table(lib):
         assert not _lib.prepad_supported(-1, head_dim)
 
 
+def test_workspace_size_agrees_with_the_library(lib):
+    """The plugin sizes its TensorRT workspace with the Python formula (no library at build time)."""
+    for batch, heads, head_dim in ((1, 1, 32), (32, 12, 64), (7, 3, 80), (128, 25, 128), (0, 12, 64), (4, -1, 64)):
+        assert _lib.prepad_workspace_size(batch, heads, head_dim) == \
+            lib.eet_prepad_attention_workspace_size(batch, heads, head_dim), (batch, heads, head_dim)
+
+
 def test_make_prepad_params_defaults():
     p = _lib.make_prepad_params(dtype=_lib.DTYPE_FP32, num_heads=12, head_dim=64)
     assert (p.q_row_stride, p.k_row_stride, p.v_row_stride, p.out_row_stride) == (768,) * 4
     assert (p.batch, p.seq, p.max_len) == (1, 1, 1)
     assert p.scale == pytest.approx(0.125)
     assert p.q is None and p.step is None and p.pad_lengths is None
+    assert p.workspace is None and p.workspace_bytes == 0
 
 
 @pytest.mark.parametrize(
@@ -372,6 +380,8 @@ def test_make_prepad_params_defaults():
         (dict(v_cache=None), ["v_cache is NULL"]),
         (dict(pad_lengths=None), ["pad_lengths is NULL"]),
         (dict(step=None), ["step is NULL"]),
+        (dict(workspace=0x1008, workspace_bytes=1 << 20), ["workspace", "16-byte aligned"]),
+        (dict(workspace=0x1000, workspace_bytes=-1), ["workspace_bytes", "-1"]),
     ],
 )
 def test_prepad_invalid_params_are_rejected_before_any_cuda_call(lib, overrides, words):

@@ -169,9 +169,33 @@ class Tokens:
         assert torch.all(self.out_buf[mask] == SENTINEL), f"output written outside its columns: {ctx}"
 
 
+_WORKSPACE = {"buf": None}  # the decode workspace _launch passes (set by the split_mode fixture)
+
+
+@pytest.fixture(params=["cluster", "workspace", "no-workspace"])
+def split_mode(request, monkeypatch):
+    """How a long row's keys are split: over a cluster (sm_90, the default there); over independent
+    blocks and a merge kernel through the caller's workspace, the path of GPUs without clusters
+    (EET_DECODE_SPLIT_MODE=workspace makes sm_90 behave so); or, without clusters and without a workspace,
+    not at all. The workspace starts as NaN: the merge reads only what the split wrote, and it must have
+    written some."""
+    if request.param != "cluster":
+        monkeypatch.setenv("EET_DECODE_SPLIT_MODE", "workspace")
+    if request.param == "workspace":
+        _WORKSPACE["buf"] = torch.full((4 << 20,), float("nan"), device=DEVICE)
+    try:
+        yield request.param
+        if request.param == "workspace":
+            assert torch.isfinite(_WORKSPACE["buf"]).any(), "the workspace split did not run"
+    finally:
+        _WORKSPACE["buf"] = None
+
+
 def _launch(tok, cache, pads, step, *, dtype_code, scale, params=None, stream=None):
     """eet_prepad_attention on tok/cache with device tensors pads ([B] int32) and step ([1] int32)."""
     p = params or _lib.PrepadAttentionParams()
+    ws = _WORKSPACE["buf"]
+    p.workspace, p.workspace_bytes = (ws.data_ptr(), ws.numel() * 4) if ws is not None else (None, 0)
     p.q, p.k, p.v = tok.q.data_ptr(), tok.k.data_ptr(), tok.v.data_ptr()
     p.out, p.k_cache, p.v_cache = tok.out.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr()
     p.pad_lengths, p.step = pads.data_ptr(), step.data_ptr()
@@ -474,7 +498,7 @@ def _decode_step(tok_layout, dtype_name, head_dim, cache, pads, s, gen, *, num_h
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])
-def test_decode_split_long_cache(dtype_name, head_dim):
+def test_decode_split_long_cache(dtype_name, head_dim, split_mode):
     """max_len 4096, 2 rows x 2 heads: pads 0, random, close to the step, equal to it (one key) and
     past it (zeros); steps in the middle of the cache and at max_len - 1."""
     _, dtype = DTYPES[dtype_name]
@@ -491,7 +515,7 @@ def test_decode_split_long_cache(dtype_name, head_dim):
 
 @pytest.mark.parametrize("max_len", [256, 1024, 2048])
 @pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])
-def test_decode_split_batch(dtype_name, max_len):
+def test_decode_split_batch(dtype_name, max_len, split_mode):
     """Several rows and heads with random pads in [0, max_len), the step at max_len - 1 and at a
     random position (on sm_90: 2 splits at max_len 256, 8 at 1024 and 2048)."""
     _, dtype = DTYPES[dtype_name]
@@ -506,7 +530,7 @@ def test_decode_split_batch(dtype_name, max_len):
 
 
 @pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])
-def test_decode_split_misaligned(dtype_name):
+def test_decode_split_misaligned(dtype_name, split_mode):
     """The split path with odd offsets and strides everywhere (element-wise loads and stores)."""
     _, dtype = DTYPES[dtype_name]
     gen = _generator("split-misaligned", dtype_name)
@@ -522,7 +546,7 @@ def test_decode_split_misaligned(dtype_name):
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])
-def test_cuda_graph_decode_split(dtype_name, head_dim):
+def test_cuda_graph_decode_split(dtype_name, head_dim, split_mode):
     """A decode step over a 2048-token cache (split path) captured in a CUDA graph; *step changes on
     the device between replays (rows whose pad is past the step, a step at max_len - 1)."""
     dtype_code, dtype = DTYPES[dtype_name]

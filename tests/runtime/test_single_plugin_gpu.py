@@ -89,3 +89,45 @@ def test_prepad_engine_equals_launcher(dtype, phase, deserialize_hook, rng):
     assert torch.isfinite(want).all(), f"pads {pads.tolist()} step {step}"
     assert torch.equal(got, want) and torch.equal(got_caches, want_caches), f"pads {pads.tolist()} step {step}"
     assert not torch.equal(got_caches, caches)  # the engine did append in place
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_prepad_engine_hands_its_workspace_to_the_decode_split(dtype, deserialize_hook, rng, monkeypatch):
+    """The split that GPUs without clusters run (forced here by EET_DECODE_SPLIT_MODE=workspace) works from
+    the TensorRT workspace the plugin asks for: the engine equals the launcher given its own workspace, bit
+    for bit, on a long cache (several blocks per row)."""
+    monkeypatch.setenv("EET_DECODE_SPLIT_MODE", "workspace")
+    tdt, name, code = DT[dtype]
+    B, L, hidden = 3, 2048, H * D
+    step = int(rng.integers(1500, L - 1))
+    pads = torch.tensor(rng.integers(0, 1000, size=B), dtype=torch.int32, device="cuda")
+    step_dev = torch.tensor([step], dtype=torch.int32, device="cuda")
+    qkv = torch.from_numpy(rng.standard_normal((B, 1, 3 * hidden), dtype="float32")).to(tdt).cuda()
+    caches = torch.from_numpy(rng.standard_normal((2, B, H, L, D), dtype="float32")).to(tdt).cuda()
+    want_caches, got_caches = caches.clone(), caches.clone()
+    want = torch.full((B, 1, hidden), float("nan"), dtype=tdt, device="cuda")
+    got = want.clone()
+    ws = torch.full((_lib.prepad_workspace_size(B, H, D) // 4,), float("nan"), device="cuda")
+    elem = qkv.element_size()
+    _lib.prepad_attention(_lib.make_prepad_params(
+        dtype=code, num_heads=H, head_dim=D, batch=B, seq=1, max_len=L, q=qkv.data_ptr(),
+        k=qkv.data_ptr() + hidden * elem, v=qkv.data_ptr() + 2 * hidden * elem, out=want.data_ptr(),
+        k_cache=want_caches[0].data_ptr(), v_cache=want_caches[1].data_ptr(), pad_lengths=pads.data_ptr(),
+        step=step_dev.data_ptr(), q_row_stride=3 * hidden, k_row_stride=3 * hidden, v_row_stride=3 * hidden,
+        workspace=ws.data_ptr(), workspace_bytes=ws.numel() * 4), 0)
+    torch.cuda.synchronize()
+    assert torch.isfinite(ws).any(), "the launcher did not split"
+    cache = ["b", H, L, D]
+    inputs = [("qkv", name, ["b", 1, 3 * hidden]), ("pad_lengths", "int32", ["b"]), ("step", "int32", [1]),
+              ("past_key", name, cache), ("past_value", name, cache)]
+    shapes = {"qkv": (B, 1, 3 * hidden), "pad_lengths": (B,), "past_key": (B, H, L, D), "past_value": (B, H, L, D)}
+    eng = SingleNodeEngine(PREPAD_ATTENTION, inputs, [("context", name, ["b", 1, hidden])], ATTRS,
+                           {k: (v, v, v) for k, v in shapes.items()}, deserialize_hook=deserialize_hook)
+    eng.bind(shapes, {"qkv": qkv.data_ptr(), "pad_lengths": pads.data_ptr(), "step": step_dev.data_ptr(),
+                      "past_key": got_caches[0].data_ptr(), "past_value": got_caches[1].data_ptr(),
+                      "context": got.data_ptr()})
+    stream = torch.cuda.Stream()
+    eng.run(stream.cuda_stream)
+    stream.synchronize()
+    assert torch.isfinite(want).all(), f"pads {pads.tolist()} step {step}"
+    assert torch.equal(got, want) and torch.equal(got_caches, want_caches), f"pads {pads.tolist()} step {step}"
