@@ -50,35 +50,34 @@ def test_varlen_engine_equals_launcher(dtype, deserialize_hook, rng):
     assert torch.isfinite(want).all() and torch.equal(got, want), f"lengths {lengths}"
 
 
-@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
-@pytest.mark.parametrize("phase", ["context", "decode"])
-def test_prepad_engine_equals_launcher(dtype, phase, deserialize_hook, rng):
+def run_prepad_both_ways(dtype, B, S, L, step, pads, deserialize_hook, workspace=False):
+    """The same pre-padding attention call through the launcher and through a one-node engine, on copies of
+    one random cache: (launcher output, engine output, their caches after, the caches before, the
+    launcher's workspace or None). With ``workspace`` the launcher gets a NaN-filled one of
+    prepad_workspace_size bytes; the engine always gets TensorRT's."""
     tdt, name, code = DT[dtype]
-    B, L = 6, 96
-    S, step = (40, 0) if phase == "context" else (1, int(rng.integers(40, L - 1)))
-    pads = torch.tensor(rng.integers(0, 30, size=B), dtype=torch.int32, device="cuda")
-    step_dev = torch.tensor([step], dtype=torch.int32, device="cuda")
-    qkv = torch.from_numpy(rng.standard_normal((B, S, 3 * H * D), dtype="float32")).to(tdt).cuda()
-    caches = torch.from_numpy(rng.standard_normal((2, B, H, L, D), dtype="float32")).to(tdt).cuda()
-    want_caches, got_caches = caches.clone(), caches.clone()
-    want = torch.full((B, S, H * D), float("nan"), dtype=tdt, device="cuda")
-    got = want.clone()
     hidden = H * D
+    pads = torch.tensor(pads, dtype=torch.int32, device="cuda")
+    step_dev = torch.tensor([step], dtype=torch.int32, device="cuda")
+    qkv = torch.randn((B, S, 3 * hidden), device="cuda").to(tdt)
+    caches = torch.randn((2, B, H, L, D), device="cuda").to(tdt)
+    want_caches, got_caches = caches.clone(), caches.clone()
+    want = torch.full((B, S, hidden), float("nan"), dtype=tdt, device="cuda")
+    got = want.clone()
+    ws = torch.full((_lib.prepad_workspace_size(B, H, D) // 4,), float("nan"), device="cuda") if workspace else None
     elem = qkv.element_size()
     _lib.prepad_attention(_lib.make_prepad_params(
         dtype=code, num_heads=H, head_dim=D, batch=B, seq=S, max_len=L, q=qkv.data_ptr(),
         k=qkv.data_ptr() + hidden * elem, v=qkv.data_ptr() + 2 * hidden * elem, out=want.data_ptr(),
         k_cache=want_caches[0].data_ptr(), v_cache=want_caches[1].data_ptr(), pad_lengths=pads.data_ptr(),
-        step=step_dev.data_ptr(), q_row_stride=3 * hidden, k_row_stride=3 * hidden, v_row_stride=3 * hidden), 0)
+        step=step_dev.data_ptr(), q_row_stride=3 * hidden, k_row_stride=3 * hidden, v_row_stride=3 * hidden,
+        workspace=None if ws is None else ws.data_ptr(), workspace_bytes=0 if ws is None else ws.numel() * 4), 0)
     cache = ["b", H, L, D]
     inputs = [("qkv", name, ["b", "s", 3 * hidden]), ("pad_lengths", "int32", ["b"]), ("step", "int32", [1]),
               ("past_key", name, cache), ("past_value", name, cache)]
     shapes = {"qkv": (B, S, 3 * hidden), "pad_lengths": (B,), "past_key": (B, H, L, D), "past_value": (B, H, L, D)}
-    profile = {"qkv": ((1, 1, 3 * hidden), (B, S, 3 * hidden), (B, S, 3 * hidden)), "pad_lengths": ((1,), (B,), (B,)),
-               "past_key": ((1, H, L, D), (B, H, L, D), (B, H, L, D)),
-               "past_value": ((1, H, L, D), (B, H, L, D), (B, H, L, D))}
-    eng = SingleNodeEngine(PREPAD_ATTENTION, inputs, [("context", name, ["b", "s", hidden])], ATTRS, profile,
-                           deserialize_hook=deserialize_hook)
+    eng = SingleNodeEngine(PREPAD_ATTENTION, inputs, [("context", name, ["b", "s", hidden])], ATTRS,
+                           {k: (v, v, v) for k, v in shapes.items()}, deserialize_hook=deserialize_hook)
     eng.bind(shapes, {"qkv": qkv.data_ptr(), "pad_lengths": pads.data_ptr(), "step": step_dev.data_ptr(),
                       "past_key": got_caches[0].data_ptr(), "past_value": got_caches[1].data_ptr(),
                       "context": got.data_ptr()})
@@ -86,8 +85,19 @@ def test_prepad_engine_equals_launcher(dtype, phase, deserialize_hook, rng):
     eng.run(stream.cuda_stream)
     stream.synchronize()
     torch.cuda.synchronize()
-    assert torch.isfinite(want).all(), f"pads {pads.tolist()} step {step}"
-    assert torch.equal(got, want) and torch.equal(got_caches, want_caches), f"pads {pads.tolist()} step {step}"
+    return want, got, want_caches, got_caches, caches, ws
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+@pytest.mark.parametrize("phase", ["context", "decode"])
+def test_prepad_engine_equals_launcher(dtype, phase, deserialize_hook, rng):
+    B, L = 6, 96
+    S, step = (40, 0) if phase == "context" else (1, int(rng.integers(40, L - 1)))
+    pads = rng.integers(0, 30, size=B).tolist()
+    torch.manual_seed(int(rng.integers(2**31)))
+    want, got, want_caches, got_caches, caches, _ = run_prepad_both_ways(dtype, B, S, L, step, pads, deserialize_hook)
+    assert torch.isfinite(want).all(), f"pads {pads} step {step}"
+    assert torch.equal(got, want) and torch.equal(got_caches, want_caches), f"pads {pads} step {step}"
     assert not torch.equal(got_caches, caches)  # the engine did append in place
 
 
@@ -97,37 +107,12 @@ def test_prepad_engine_hands_its_workspace_to_the_decode_split(dtype, deserializ
     the TensorRT workspace the plugin asks for: the engine equals the launcher given its own workspace, bit
     for bit, on a long cache (several blocks per row)."""
     monkeypatch.setenv("EET_DECODE_SPLIT_MODE", "workspace")
-    tdt, name, code = DT[dtype]
-    B, L, hidden = 3, 2048, H * D
+    L = 2048
     step = int(rng.integers(1500, L - 1))
-    pads = torch.tensor(rng.integers(0, 1000, size=B), dtype=torch.int32, device="cuda")
-    step_dev = torch.tensor([step], dtype=torch.int32, device="cuda")
-    qkv = torch.from_numpy(rng.standard_normal((B, 1, 3 * hidden), dtype="float32")).to(tdt).cuda()
-    caches = torch.from_numpy(rng.standard_normal((2, B, H, L, D), dtype="float32")).to(tdt).cuda()
-    want_caches, got_caches = caches.clone(), caches.clone()
-    want = torch.full((B, 1, hidden), float("nan"), dtype=tdt, device="cuda")
-    got = want.clone()
-    ws = torch.full((_lib.prepad_workspace_size(B, H, D) // 4,), float("nan"), device="cuda")
-    elem = qkv.element_size()
-    _lib.prepad_attention(_lib.make_prepad_params(
-        dtype=code, num_heads=H, head_dim=D, batch=B, seq=1, max_len=L, q=qkv.data_ptr(),
-        k=qkv.data_ptr() + hidden * elem, v=qkv.data_ptr() + 2 * hidden * elem, out=want.data_ptr(),
-        k_cache=want_caches[0].data_ptr(), v_cache=want_caches[1].data_ptr(), pad_lengths=pads.data_ptr(),
-        step=step_dev.data_ptr(), q_row_stride=3 * hidden, k_row_stride=3 * hidden, v_row_stride=3 * hidden,
-        workspace=ws.data_ptr(), workspace_bytes=ws.numel() * 4), 0)
-    torch.cuda.synchronize()
+    pads = rng.integers(0, 1000, size=3).tolist()
+    torch.manual_seed(int(rng.integers(2**31)))
+    want, got, want_caches, got_caches, _, ws = run_prepad_both_ways(dtype, 3, 1, L, step, pads, deserialize_hook,
+                                                                     workspace=True)
     assert torch.isfinite(ws).any(), "the launcher did not split"
-    cache = ["b", H, L, D]
-    inputs = [("qkv", name, ["b", 1, 3 * hidden]), ("pad_lengths", "int32", ["b"]), ("step", "int32", [1]),
-              ("past_key", name, cache), ("past_value", name, cache)]
-    shapes = {"qkv": (B, 1, 3 * hidden), "pad_lengths": (B,), "past_key": (B, H, L, D), "past_value": (B, H, L, D)}
-    eng = SingleNodeEngine(PREPAD_ATTENTION, inputs, [("context", name, ["b", 1, hidden])], ATTRS,
-                           {k: (v, v, v) for k, v in shapes.items()}, deserialize_hook=deserialize_hook)
-    eng.bind(shapes, {"qkv": qkv.data_ptr(), "pad_lengths": pads.data_ptr(), "step": step_dev.data_ptr(),
-                      "past_key": got_caches[0].data_ptr(), "past_value": got_caches[1].data_ptr(),
-                      "context": got.data_ptr()})
-    stream = torch.cuda.Stream()
-    eng.run(stream.cuda_stream)
-    stream.synchronize()
-    assert torch.isfinite(want).all(), f"pads {pads.tolist()} step {step}"
-    assert torch.equal(got, want) and torch.equal(got_caches, want_caches), f"pads {pads.tolist()} step {step}"
+    assert torch.isfinite(want).all(), f"pads {pads} step {step}"
+    assert torch.equal(got, want) and torch.equal(got_caches, want_caches), f"pads {pads} step {step}"
