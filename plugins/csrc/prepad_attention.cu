@@ -109,6 +109,36 @@ __device__ __forceinline__ int64_t decode_ws_states(const PrepadArgs& a, int spl
   return static_cast<int64_t>(a.batch) * a.num_heads * splits;
 }
 
+// Merges the n <= kN partial softmax states c = 0, 1, ... (in that order) of a decode row: state c has
+// the running max m(c) (log2 domain; -inf: no key), the denominator l(c) and four elements of O, o(c)
+// (a float4). Returns the merged max, denominator and elements in mb, den, acc. All loads of a loop
+// are independent (unrolled over kN). Used for the warps of a block, the blocks of a cluster and the
+// workspace states.
+template <int kN, typename M, typename L, typename O>
+__device__ __forceinline__ void merge_softmax_states(int n, M m, L l, O o, float& mb, float& den,
+                                                     float (&acc)[4]) {
+  mb = -INFINITY;
+#pragma unroll
+  for (int c = 0; c < kN; ++c) {
+    if (c < n) mb = fmaxf(mb, m(c));
+  }
+  den = 0.f;
+  acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+#pragma unroll
+  for (int c = 0; c < kN; ++c) {
+    if (c < n) {
+      const float mc = m(c);
+      const float fc = mc == -INFINITY ? 0.f : exp2f(mc - mb);
+      den = fmaf(fc, l(c), den);
+      const float4 x = o(c);
+      acc[0] = fmaf(fc, x.x, acc[0]);
+      acc[1] = fmaf(fc, x.y, acc[1]);
+      acc[2] = fmaf(fc, x.z, acc[2]);
+      acc[3] = fmaf(fc, x.w, acc[3]);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Small device helpers
 
@@ -768,22 +798,9 @@ __global__ void __launch_bounds__(DecodeConfig<T, D>::kMaxThreads, DecodeConfig<
     float den = 0.f;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     if (t < D / 4) {
-#pragma unroll
-      for (int w = 0; w < kW; ++w) {
-        if (w < warps) mb = fmaxf(mb, m_s[w]);
-      }
-#pragma unroll
-      for (int w = 0; w < kW; ++w) {
-        if (w < warps) {
-          const float fw = m_s[w] == -INFINITY ? 0.f : exp2f(m_s[w] - mb);
-          den = fmaf(fw, l_s[w], den);
-          const float4 x = *reinterpret_cast<const float4*>(&o_s[w][4 * t]);
-          acc[0] = fmaf(fw, x.x, acc[0]);
-          acc[1] = fmaf(fw, x.y, acc[1]);
-          acc[2] = fmaf(fw, x.z, acc[2]);
-          acc[3] = fmaf(fw, x.w, acc[3]);
-        }
-      }
+      merge_softmax_states<kW>(
+          warps, [&](int w) { return m_s[w]; }, [&](int w) { return l_s[w]; },
+          [&](int w) { return *reinterpret_cast<const float4*>(&o_s[w][4 * t]); }, mb, den, acc);
     }
     const bool last_row = b + gridDim.z >= a.batch;
     if (splits > 1 && via_ws) {
@@ -809,25 +826,9 @@ __global__ void __launch_bounds__(DecodeConfig<T, D>::kMaxThreads, DecodeConfig<
       cooperative_groups::this_cluster().sync();  // the states are in the first block
 #endif
       if (split == 0 && t < D / 4) {
-        mb = -INFINITY;
-#pragma unroll
-        for (int c = 0; c < kS; ++c) {
-          if (c < splits) mb = fmaxf(mb, xm_s[c]);
-        }
-        den = 0.f;
-        acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
-#pragma unroll
-        for (int c = 0; c < kS; ++c) {
-          if (c < splits) {
-            const float fc = xm_s[c] == -INFINITY ? 0.f : exp2f(xm_s[c] - mb);
-            den = fmaf(fc, xl_s[c], den);
-            const float4 x = *reinterpret_cast<const float4*>(&xo_s[c][4 * t]);
-            acc[0] = fmaf(fc, x.x, acc[0]);
-            acc[1] = fmaf(fc, x.y, acc[1]);
-            acc[2] = fmaf(fc, x.z, acc[2]);
-            acc[3] = fmaf(fc, x.w, acc[3]);
-          }
-        }
+        merge_softmax_states<kS>(
+            splits, [&](int c) { return xm_s[c]; }, [&](int c) { return xl_s[c]; },
+            [&](int c) { return *reinterpret_cast<const float4*>(&xo_s[c][4 * t]); }, mb, den, acc);
       }
     }
     if (split == 0 && !(splits > 1 && via_ws) && t < D / 4) {
@@ -863,28 +864,11 @@ __global__ void __launch_bounds__(D / 4)
   const int t = threadIdx.x;
   for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
     const int64_t base = (b * a.num_heads + h) * splits;
-    float2 ml[kS];
-    float mb = -INFINITY;
-#pragma unroll
-    for (int c = 0; c < kS; ++c) {
-      ml[c] = c < splits ? *reinterpret_cast<const float2*>(ws + decode_ws_states(a, splits) * D + 2 * (base + c))
-                         : make_float2(-INFINITY, 0.f);
-      mb = fmaxf(mb, ml[c].x);
-    }
-    float den = 0.f;
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int c = 0; c < kS; ++c) {
-      if (c < splits) {
-        const float fc = ml[c].x == -INFINITY ? 0.f : exp2f(ml[c].x - mb);
-        den = fmaf(fc, ml[c].y, den);
-        const float4 x = *reinterpret_cast<const float4*>(ws + (base + c) * D + 4 * t);
-        acc[0] = fmaf(fc, x.x, acc[0]);
-        acc[1] = fmaf(fc, x.y, acc[1]);
-        acc[2] = fmaf(fc, x.z, acc[2]);
-        acc[3] = fmaf(fc, x.w, acc[3]);
-      }
-    }
+    const float* ml = ws + decode_ws_states(a, splits) * D + 2 * base;  // (m, l) of each split
+    float mb, den, acc[4];
+    merge_softmax_states<kS>(
+        splits, [&](int c) { return ml[2 * c]; }, [&](int c) { return ml[2 * c + 1]; },
+        [&](int c) { return *reinterpret_cast<const float4*>(ws + (base + c) * D + 4 * t); }, mb, den, acc);
     const float inv = den > 0.f ? 1.f / den : 0.f;
     T* dst = static_cast<T*>(a.out) + b * a.o_stride + static_cast<int64_t>(h) * D + 4 * t;
     store4(dst, acc[0] * inv, acc[1] * inv, acc[2] * inv, acc[3] * inv, a.attention_vec != 0);
