@@ -38,9 +38,13 @@
 //    A cache row of D elements is kVecs 16-byte vectors; a group of kLanesPerKey lanes (4 or 8)
 //    reads one key row, lane g vectors g, g + G, ... (kVecsPerLane of them, the last slot empty in
 //    some lanes when G does not divide kVecs), so a warp reads 32 / kLanesPerKey adjacent cache
-//    rows at a time. Each group handles kKeysPerGroup keys per iteration and issues all their K and
-//    V loads (16-byte, read-only path) before using any; q, key s and the first cache keys go out
-//    together. Dot products are reduced over the group's lanes by xor-shuffles; each group keeps its
+//    rows at a time. Each group handles kKeysPerGroup keys per iteration. When q, out and the caches
+//    allow 16-byte accesses (decode_pipe), the cache keys stream through a shared-memory ring of 2
+//    or 3 stages per warp: each lane cp.asyncs its own vectors of the next iterations into its own
+//    slots and reads back only those (no barrier), so 2-3 iterations of K and V are in flight while
+//    one is folded. Otherwise (and for key s, which comes from k and v) the lane issues all its K and
+//    V loads of an iteration (16-byte read-only path or element by element) before using any; q,
+//    key s and the first cache keys go out together. Dot products are reduced over the group's lanes by xor-shuffles; each group keeps its
 //    own online-softmax state (m, l and its lanes' slices of O in fp32 registers). At the end the
 //    groups of a warp are merged by shuffles, the warps of a block through shared memory, the
 //    blocks of a cluster in its first block (each block stores its (m, l, O) into the first block's
@@ -101,6 +105,9 @@ struct PrepadArgs {
   float scale_log2;        // scale * log2(e): scores are kept in the log2 domain
   int32_t append_vec;      // 1: k, v and both caches allow 16-byte accesses
   int32_t attention_vec;   // 1: q, out and both caches allow 16-byte accesses
+  int32_t decode_pipe;     // decode: 0 = registers; 2 .. kStages = cache keys stream through a
+                           // shared-memory ring of that many stages per warp (needs attention_vec
+                           // and the ring's dynamic shared memory)
 };
 
 // The decode split's workspace (without clusters, see launch_decode): per (row, head, split) its O
@@ -484,6 +491,9 @@ __global__ void __launch_bounds__(MmaTile<D, BlockM, WarpRows>::kThreads)
 #ifndef EET_DECODE_KEYS_PER_GROUP
 #define EET_DECODE_KEYS_PER_GROUP 4  // keys per lane group and iteration at one vector per lane
 #endif
+#ifndef EET_DECODE_STAGES
+#define EET_DECODE_STAGES 3  // decode: per warp, at most this many iterations of cache keys in flight
+#endif
 #ifndef EET_DECODE_MIN_SPLIT_KEYS
 #define EET_DECODE_MIN_SPLIT_KEYS 128  // ... while a full cache still gives each block this many keys
 #endif
@@ -502,14 +512,24 @@ struct DecodeConfig {
                         : (kVecsPerLane == 2 ? EET_DECODE_KEYS_PER_GROUP / 2 : 1);
   static constexpr int kGroups = 32 / kLanesPerKey;            // key groups per warp
   static constexpr int kKeysPerWarp = kGroups * kKeysPerGroup;  // keys per warp and iteration
+  // The shared-memory ring (decode_pipe): per warp 2 .. kStages stages of one iteration's K and V
+  // vectors; lane-private slots (a lane reads back only what its own cp.async wrote: no barrier).
+  static constexpr int kStages = EET_DECODE_STAGES;
+  static constexpr int kStageVecs = 2 * kKeysPerGroup * kVecsPerLane;  // 16-byte vectors per lane
+  static constexpr int kStageBytesPerWarp = kStageVecs * 32 * 16;
+  static_assert(kStages == 2 || kStages == 3, "prepad_decode_kernel waits on rings of 2 or 3 stages");
   static constexpr int kSplitWarps = 4;  // warps per block of a split launch (and of a large grid)
   static constexpr int kMaxWarps = 8;
   static constexpr int kMaxThreads = 32 * kMaxWarps;
   static constexpr int kMaxSplits = 8;  // blocks per (row, head): the portable cluster size
-  // Blocks of kMaxThreads per multiprocessor the registers must allow: <= 80 registers per thread
-  // where that needs no spills (one vector per lane, 4 keys of 8 lanes), <= 128 otherwise.
-  static constexpr int kMinBlocks =
-      kVecsPerLane == 1 && kKeysPerGroup <= 4 && kLanesPerKey == 8 ? 3 : 2;
+  // The largest ring launched: kStages stages only for split launches (kSplitWarps warps), else 2.
+  static constexpr int kRingBytesMax =
+      (kSplitWarps * kStages > 2 * kMaxWarps ? kSplitWarps * kStages : 2 * kMaxWarps) *
+      kStageBytesPerWarp;
+  // Blocks of kMaxThreads per multiprocessor the registers must allow (<= 128 registers per thread).
+  // The shared-memory ring bounds residency anyway (per warp 2 or kStages stages of 4 KB for fp16,
+  // head_dim 64).
+  static constexpr int kMinBlocks = 2;
 
   static_assert(D % kElems == 0, "head_dim must fill whole 16-byte vectors");
   static_assert(kVecs >= kLanesPerKey / 2, "every lane of a group but the ragged tail owns a vector");
@@ -561,6 +581,45 @@ __device__ __forceinline__ void decode_load(const T* __restrict__ k_rows,
       } else {
         r.k[u][v] = r.v[u][v] = make_uint4(0u, 0u, 0u, 0u);  // 0.0 in fp32 and fp16
       }
+    }
+  }
+}
+
+// decode_load into the shared-memory ring instead of registers: cp.async of the same vectors (zero
+// fill for keys i >= count and empty slots) into this lane's slots of one stage (vec only).
+template <typename T, int D>
+__device__ __forceinline__ void decode_issue(const T* __restrict__ k_rows,
+                                             const T* __restrict__ v_rows, int count, int g,
+                                             int grp, int lane, uint4* stage) {
+  using Cfg = DecodeConfig<T, D>;
+  constexpr int E = Cfg::kElems;
+  constexpr int G = Cfg::kLanesPerKey;
+#pragma unroll
+  for (int u = 0; u < Cfg::kKeysPerGroup; ++u) {
+    const int i = u * Cfg::kGroups + grp;
+    const int64_t row = static_cast<int64_t>(i) * D;
+#pragma unroll
+    for (int v = 0; v < Cfg::kVecsPerLane; ++v) {
+      const bool ok = i < count && decode_slot<Cfg>(v, g);
+      const int slot = (u * Cfg::kVecsPerLane + v) * 2;
+      cp_async16(smem_addr(stage + slot * 32 + lane), ok ? k_rows + row + (v * G + g) * E : k_rows, ok);
+      cp_async16(smem_addr(stage + (slot + 1) * 32 + lane), ok ? v_rows + row + (v * G + g) * E : v_rows,
+                 ok);
+    }
+  }
+}
+
+// The stage written by decode_issue (this lane's slots, its copies complete) -> registers.
+template <typename T, int D>
+__device__ __forceinline__ void decode_read(const uint4* stage, int lane, DecodeRegs<T, D>& r) {
+  using Cfg = DecodeConfig<T, D>;
+#pragma unroll
+  for (int u = 0; u < Cfg::kKeysPerGroup; ++u) {
+#pragma unroll
+    for (int v = 0; v < Cfg::kVecsPerLane; ++v) {
+      const int slot = (u * Cfg::kVecsPerLane + v) * 2;
+      r.k[u][v] = stage[slot * 32 + lane];
+      r.v[u][v] = stage[(slot + 1) * 32 + lane];
     }
   }
 }
@@ -646,6 +705,7 @@ __global__ void __launch_bounds__(DecodeConfig<T, D>::kMaxThreads, DecodeConfig<
   __shared__ __align__(16) float xo_s[kS][D];  // first block of a cluster: per block, its O
   __shared__ float xm_s[kS];                   // ... its max
   __shared__ float xl_s[kS];                   // ... its denominator
+  extern __shared__ __align__(16) unsigned char decode_ring_smem[];  // a.decode_pipe: the ring
 
   // splits > 1: a cluster of (splits, 1, 1) per (row, head) (sm_90+), or, kWorkspace (any
   // architecture), independent blocks that leave their states in ws for prepad_decode_merge_kernel
@@ -730,7 +790,25 @@ __global__ void __launch_bounds__(DecodeConfig<T, D>::kMaxThreads, DecodeConfig<
       DecodeRegs<T, D> fresh;
       if (owns_s) decode_load<T, D>(k_new, v_new, 1, new_vec, g, grp, fresh);
       DecodeRegs<T, D> r;
-      if (lo < cache_hi) {
+      // The ring: this warp's `stages` stages; iteration j of [lo, cache_hi) lives in stage j % stages.
+      const int stages = a.decode_pipe;      // block-uniform
+      const bool pipe = stages != 0;
+      uint4* ring = reinterpret_cast<uint4*>(decode_ring_smem) +
+                    static_cast<int64_t>(warp) * stages * Cfg::kStageVecs * 32;
+      const int iters = lo < cache_hi ? (cache_hi - lo + Cfg::kKeysPerWarp - 1) / Cfg::kKeysPerWarp : 0;
+      if (pipe) {
+        // One cp.async group per stage, empty ones too: waiting until stages - 1 groups are pending
+        // then means "the oldest stage has landed" in every iteration.
+        for (int j = 0; j < stages; ++j) {
+          if (j < iters) {
+            const int base = lo + j * Cfg::kKeysPerWarp;
+            decode_issue<T, D>(k_head + static_cast<int64_t>(base) * D,
+                               v_head + static_cast<int64_t>(base) * D, cache_hi - base, g, grp, lane,
+                               ring + j * Cfg::kStageVecs * 32);
+          }
+          cp_async_commit();
+        }
+      } else if (lo < cache_hi) {
         decode_load<T, D>(k_head + static_cast<int64_t>(lo) * D,
                           v_head + static_cast<int64_t>(lo) * D, cache_hi - lo, vec, g, grp, r);
       }
@@ -743,7 +821,29 @@ __global__ void __launch_bounds__(DecodeConfig<T, D>::kMaxThreads, DecodeConfig<
         for (int e = 0; e < E; ++e) qf[v][e] *= a.scale_log2;
       }
       if (owns_s) decode_fold<T, D>(fresh, 1, grp, qf, m, l, o);
-      for (int base = lo; base < cache_hi;) {
+      if (pipe) {
+        for (int j = 0; j < iters; ++j) {
+          if (stages == 3) {
+            cp_async_wait<2>();
+          } else {
+            cp_async_wait<1>();
+          }
+          uint4* stage = ring + (j % stages) * Cfg::kStageVecs * 32;
+          decode_read<T, D>(stage, lane, r);
+          const int base = lo + j * Cfg::kKeysPerWarp;
+          decode_fold<T, D>(r, cache_hi - base, grp, qf, m, l, o);
+          // The registers were consumed by the fold: the stage may be refilled.
+          const int next = j + stages;
+          if (next < iters) {
+            const int nb = lo + next * Cfg::kKeysPerWarp;
+            decode_issue<T, D>(k_head + static_cast<int64_t>(nb) * D,
+                               v_head + static_cast<int64_t>(nb) * D, cache_hi - nb, g, grp, lane, stage);
+          }
+          cp_async_commit();
+        }
+        cp_async_wait<0>();
+      }
+      for (int base = lo; !pipe && base < cache_hi;) {
         decode_fold<T, D>(r, cache_hi - base, grp, qf, m, l, o);
         base += Cfg::kKeysPerWarp;
         if (base < cache_hi) {
@@ -980,8 +1080,10 @@ cudaError_t decode_device_info(int device, int32_t dtype, int* blocks_per_sm, bo
                          cuda_error_text(err));
   }
   int n = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel,
-                                                      32 * DecodeConfig<T, D>::kSplitWarps, 0);
+  // (with the two-stage shared-memory ring of kSplitWarps warps: the path of 16-byte aligned caches)
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &n, kernel, 32 * DecodeConfig<T, D>::kSplitWarps,
+      static_cast<size_t>(DecodeConfig<T, D>::kSplitWarps) * 2 * DecodeConfig<T, D>::kStageBytesPerWarp);
   if (err != cudaSuccess) {
     return fail(err, "cudaOccupancyMaxActiveBlocksPerMultiprocessor failed for the decode kernel: " +
                          cuda_error_text(err));
@@ -1010,12 +1112,14 @@ cudaError_t launch_decode(const EetPrepadAttentionParams& p, const PrepadArgs& a
   err = decode_device_info<T, D>(device, p.dtype, &blocks_per_sm, &clusters);
   if (err != cudaSuccess) return err;
 
-  // Split each (row, head)'s keys over `splits` blocks (a cluster, sm_90+) while the grid fills less
-  // than EET_DECODE_SPLIT_FILL percent of the resident blocks of kSplitWarps warps and a full cache
-  // still gives every block at least EET_DECODE_MIN_SPLIT_KEYS keys. A row's valid range
+  // Split each (row, head)'s keys over `splits` blocks (a cluster, sm_90+) while twice as many blocks
+  // still fill at most EET_DECODE_SPLIT_FILL percent of the resident blocks of kSplitWarps warps and a
+  // full cache still gives every block at least EET_DECODE_MIN_SPLIT_KEYS keys. A row's valid range
   // [pad, step] is known on the device only (each block takes an even share of it there); max_len
-  // bounds it. (H100 / H200, fp16, head_dim 64, 12 heads: 32 rows at 1024 or 4096 cached tokens
-  // take 2 splits, 128 rows at 512 take none; more splits measured slower there.)
+  // bounds it. (H100, fp16, head_dim 64, forced splits 1 / 2 / 4 / 8: 32 rows x 12 heads of 1024
+  // keys 23.7 / 27.8 / 31.1 / 42.4 us, so none; 4 rows x 16 heads of a 2048 cache 17.6 / 18.1 /
+  // 16.9 / 19.8 us: 4; 2 x 12 heads of 8192 keys 41.2 / 38.5 / 26.9 / 24.9 us: 8. This rule picks
+  // those: 4 resident blocks per multiprocessor, 528 on the H100.)
   const int64_t pairs = static_cast<int64_t>(p.batch) * p.num_heads;
   const int64_t slots = static_cast<int64_t>(sms) * blocks_per_sm;
   // Without clusters (before sm_90; on sm_90 too when EET_DECODE_SPLIT_MODE=workspace asks to
@@ -1026,7 +1130,7 @@ cudaError_t launch_decode(const EetPrepadAttentionParams& p, const PrepadArgs& a
                       p.workspace_bytes >= eet_prepad_attention_workspace_size(p.batch, p.num_heads, D);
   int splits = 1;
   while ((clusters || via_ws) && splits < Cfg::kMaxSplits &&
-         100 * pairs * splits < static_cast<int64_t>(EET_DECODE_SPLIT_FILL) * slots &&
+         100 * pairs * (2 * splits) <= static_cast<int64_t>(EET_DECODE_SPLIT_FILL) * slots &&
          p.max_len / (2 * splits) >= EET_DECODE_MIN_SPLIT_KEYS) {
     splits *= 2;
   }
@@ -1052,12 +1156,43 @@ cudaError_t launch_decode(const EetPrepadAttentionParams& p, const PrepadArgs& a
 
   const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(p.num_heads),
                   static_cast<unsigned>(p.batch < 65535 ? p.batch : 65535));
+  // Cache keys stream through the shared-memory ring when the caches allow 16-byte accesses: two
+  // stages per warp, kStages when the rows are split over 4 or more blocks (few rows: each warp has
+  // few iterations, and keeping them all in flight pays). H100, fp16, head_dim 64, stages 2 / 3 / 4
+  // (compile-time stage counts of a trial build): 32 rows x 12 heads of 513 keys 23.4 / 24.2 / 23.7 us,
+  // of up to 1024 keys 34.2 / 34.8 / 35.4 us. EET_DECODE_PIPE=0: the register path (tests and benchmarks only).
+  PrepadArgs args = a;
+  const char* pipe_env = getenv("EET_DECODE_PIPE");
+  const bool use_ring = a.attention_vec != 0 && !(pipe_env != nullptr && strcmp(pipe_env, "0") == 0);
+  args.decode_pipe = use_ring ? (splits >= 4 ? Cfg::kStages : 2) : 0;
+  if (static_cast<int64_t>(warps) * args.decode_pipe * Cfg::kStageBytesPerWarp > Cfg::kRingBytesMax) {
+    args.decode_pipe = 2;  // only a forced warp count (EET_DECODE_WARPS, tuning builds) gets here
+  }
+  const size_t ring = static_cast<size_t>(warps) * args.decode_pipe * Cfg::kStageBytesPerWarp;
+  if (ring > 0) {
+    // Static and dynamic shared memory together may pass 48 KB: opt in once per device and
+    // instance, for the largest ring launched (kRingBytesMax).
+    static std::atomic<uint64_t> configured[2];
+    const int idx = via_ws ? 1 : 0;
+    const uint64_t bit = device >= 0 && device < 64 ? (uint64_t{1} << device) : 0;
+    if (bit == 0 || (configured[idx].load(std::memory_order_relaxed) & bit) == 0) {
+      const int most = Cfg::kRingBytesMax;
+      err = via_ws ? cudaFuncSetAttribute(prepad_decode_kernel<T, D, true>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, most)
+                   : cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most);
+      if (err != cudaSuccess) {
+        return fail(err, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize, " + std::to_string(most) +
+                             ") failed for the decode kernel: " + cuda_error_text(err));
+      }
+      configured[idx].fetch_or(bit, std::memory_order_relaxed);
+    }
+  }
   if (splits == 1) {
-    kernel<<<grid, 32 * warps, 0, stream>>>(a, nullptr);
+    kernel<<<grid, 32 * warps, ring, stream>>>(args, nullptr);
     err = cudaGetLastError();
   } else if (via_ws) {  // independent blocks, then the merge
     float* ws = static_cast<float*>(p.workspace);
-    prepad_decode_kernel<T, D, true><<<grid, 32 * warps, 0, stream>>>(a, ws);
+    prepad_decode_kernel<T, D, true><<<grid, 32 * warps, ring, stream>>>(args, ws);
     err = cudaGetLastError();
     if (err == cudaSuccess) {
       const dim3 merge_grid(static_cast<unsigned>(p.num_heads),
@@ -1069,7 +1204,7 @@ cudaError_t launch_decode(const EetPrepadAttentionParams& p, const PrepadArgs& a
     cudaLaunchConfig_t config = {};
     config.gridDim = grid;
     config.blockDim = dim3(static_cast<unsigned>(32 * warps), 1, 1);
-    config.dynamicSmemBytes = 0;
+    config.dynamicSmemBytes = ring;
     config.stream = stream;
     cudaLaunchAttribute attribute[1];
     attribute[0].id = cudaLaunchAttributeClusterDimension;
@@ -1078,7 +1213,7 @@ cudaError_t launch_decode(const EetPrepadAttentionParams& p, const PrepadArgs& a
     attribute[0].val.clusterDim.z = 1;
     config.attrs = attribute;
     config.numAttrs = 1;
-    err = cudaLaunchKernelEx(&config, kernel, a, static_cast<float*>(nullptr));
+    err = cudaLaunchKernelEx(&config, kernel, args, static_cast<float*>(nullptr));
     const cudaError_t last = cudaGetLastError();
     if (err == cudaSuccess) err = last;
   }
@@ -1115,6 +1250,7 @@ cudaError_t launch_prepad(const EetPrepadAttentionParams& p, cudaStream_t stream
                  p.v_row_stride % kVecElems == 0;
   a.attention_vec = caches && aligned16(p.q) && aligned16(p.out) &&
                     p.q_row_stride % kVecElems == 0 && p.out_row_stride % kVecElems == 0;
+  a.decode_pipe = 0;  // launch_decode decides
 
   // Decode: one kernel appends the new key and value and attends (reading them from k and v).
   if (p.seq == 1) return launch_decode<T, D>(p, a, stream);
