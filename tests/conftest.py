@@ -27,6 +27,21 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+TENSORRT_MISSING = ("needs TensorRT or TensorRT-RTX (pip install tensorrt-rtx-cu13==1.7.1.116, or full TensorRT); "
+                    "on the device machine: . /root/eet-env.sh")
+
+
+def tensorrt_available() -> bool:
+    """Whether eet.trt finds a TensorRT flavour (GPU engine tests skip without one instead of failing)."""
+    try:
+        from eet import trt
+
+        trt.load()
+    except Exception:  # EetError (none installed) or a broken install
+        return False
+    return True
+
+
 # Small random models for the GPU engine tests (wide init: peaked attention, so a wrong scale or mask shows).
 GPU_CONFIGS = {
     "bert": dict(model_type="bert", vocab_size=2000, hidden_size=256, num_hidden_layers=3, num_attention_heads=4,

@@ -4,11 +4,13 @@ for pre-padding attention, the KV caches it updates in place) equal the launcher
 random inputs. On an H100/H200 with TensorRT-RTX this needs the test shim (EET_CC_SHIM, tests/conftest.py)."""
 import pytest
 
-from conftest import cuda_available
+from conftest import TENSORRT_MISSING, cuda_available, tensorrt_available
 
 pytestmark = pytest.mark.gpu
 if not cuda_available():
     pytest.skip("needs an NVIDIA GPU", allow_module_level=True)
+if not tensorrt_available():
+    pytest.skip(TENSORRT_MISSING, allow_module_level=True)
 
 import torch  # noqa: E402
 
