@@ -560,29 +560,38 @@ struct DecodeRegs {
   uint4 v[DecodeConfig<T, D>::kKeysPerGroup][DecodeConfig<T, D>::kVecsPerLane];
 };
 
-// Issues the loads of the keys i < count (>= 1) of the rows at k_rows / v_rows (D elements apart);
-// for a fixed u the warp reads kGroups adjacent rows. The others are zero.
+// The vectors of one warp iteration for this lane: f(u, v, ok, offset) for key i = u * kGroups + grp
+// (u < kKeysPerGroup) and slot v (< kVecsPerLane); ok: i < count and the slot exists; offset: elements
+// from the rows' start (row i, vector v * G + g), meaningful when ok. For a fixed u the warp covers
+// kGroups adjacent rows.
+template <typename T, int D, typename F>
+__device__ __forceinline__ void decode_for_vectors(int count, int g, int grp, F&& f) {
+  using Cfg = DecodeConfig<T, D>;
+#pragma unroll
+  for (int u = 0; u < Cfg::kKeysPerGroup; ++u) {
+    const int i = u * Cfg::kGroups + grp;
+#pragma unroll
+    for (int v = 0; v < Cfg::kVecsPerLane; ++v) {
+      f(u, v, i < count && decode_slot<Cfg>(v, g),
+        static_cast<int64_t>(i) * D + (v * Cfg::kLanesPerKey + g) * Cfg::kElems);
+    }
+  }
+}
+
+// Issues the loads of the keys i < count (>= 1) of the rows at k_rows / v_rows (D elements apart)
+// into registers; the others are zero.
 template <typename T, int D>
 __device__ __forceinline__ void decode_load(const T* __restrict__ k_rows,
                                             const T* __restrict__ v_rows, int count, bool vec,
                                             int g, int grp, DecodeRegs<T, D>& r) {
-  using Cfg = DecodeConfig<T, D>;
-  constexpr int E = Cfg::kElems;
-  constexpr int G = Cfg::kLanesPerKey;
-#pragma unroll
-  for (int u = 0; u < Cfg::kKeysPerGroup; ++u) {
-    const int i = u * Cfg::kGroups + grp;
-    const int64_t row = static_cast<int64_t>(i) * D;
-#pragma unroll
-    for (int v = 0; v < Cfg::kVecsPerLane; ++v) {
-      if (i < count && decode_slot<Cfg>(v, g)) {
-        r.k[u][v] = load_raw16(k_rows + row + (v * G + g) * E, vec);
-        r.v[u][v] = load_raw16(v_rows + row + (v * G + g) * E, vec);
-      } else {
-        r.k[u][v] = r.v[u][v] = make_uint4(0u, 0u, 0u, 0u);  // 0.0 in fp32 and fp16
-      }
+  decode_for_vectors<T, D>(count, g, grp, [&](int u, int v, bool ok, int64_t off) {
+    if (ok) {
+      r.k[u][v] = load_raw16(k_rows + off, vec);
+      r.v[u][v] = load_raw16(v_rows + off, vec);
+    } else {
+      r.k[u][v] = r.v[u][v] = make_uint4(0u, 0u, 0u, 0u);  // 0.0 in fp32 and fp16
     }
-  }
+  });
 }
 
 // decode_load into the shared-memory ring instead of registers: cp.async of the same vectors (zero
@@ -591,22 +600,11 @@ template <typename T, int D>
 __device__ __forceinline__ void decode_issue(const T* __restrict__ k_rows,
                                              const T* __restrict__ v_rows, int count, int g,
                                              int grp, int lane, uint4* stage) {
-  using Cfg = DecodeConfig<T, D>;
-  constexpr int E = Cfg::kElems;
-  constexpr int G = Cfg::kLanesPerKey;
-#pragma unroll
-  for (int u = 0; u < Cfg::kKeysPerGroup; ++u) {
-    const int i = u * Cfg::kGroups + grp;
-    const int64_t row = static_cast<int64_t>(i) * D;
-#pragma unroll
-    for (int v = 0; v < Cfg::kVecsPerLane; ++v) {
-      const bool ok = i < count && decode_slot<Cfg>(v, g);
-      const int slot = (u * Cfg::kVecsPerLane + v) * 2;
-      cp_async16(smem_addr(stage + slot * 32 + lane), ok ? k_rows + row + (v * G + g) * E : k_rows, ok);
-      cp_async16(smem_addr(stage + (slot + 1) * 32 + lane), ok ? v_rows + row + (v * G + g) * E : v_rows,
-                 ok);
-    }
-  }
+  decode_for_vectors<T, D>(count, g, grp, [&](int u, int v, bool ok, int64_t off) {
+    const int slot = (u * DecodeConfig<T, D>::kVecsPerLane + v) * 2;
+    cp_async16(smem_addr(stage + slot * 32 + lane), ok ? k_rows + off : k_rows, ok);
+    cp_async16(smem_addr(stage + (slot + 1) * 32 + lane), ok ? v_rows + off : v_rows, ok);
+  });
 }
 
 // The stage written by decode_issue (this lane's slots, its copies complete) -> registers.
