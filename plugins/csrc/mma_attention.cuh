@@ -460,12 +460,13 @@ __device__ __forceinline__ void mma_attention_block(
 }
 
 // ------------------------------------------------------------------------------------------------
-// Host: opt a kernel in to `bytes` of dynamic shared memory (> 48 KB), once per device; the caller
-// keeps one `configured_devices` bit set per kernel (a static of its launcher instantiation).
+// Host: opt a kernel in to `bytes` of dynamic shared memory, once per device (needed once its static
+// and dynamic shared memory together pass 48 KB; done whatever the size, so kernels with static shared
+// memory are covered too); the caller keeps one `configured_devices` bit set per kernel (a static of its
+// launcher instantiation).
 template <typename Kernel>
 cudaError_t allow_dynamic_smem(Kernel kernel, size_t bytes, int head_dim,
                                std::atomic<uint64_t>& configured_devices) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return fail(err, "cudaGetDevice failed: " + cuda_error_text(err));

@@ -44,8 +44,8 @@
 //    slots and reads back only those (no barrier), so 2-3 iterations of K and V are in flight while
 //    one is folded. Otherwise (and for key s, which comes from k and v) the lane issues all its K and
 //    V loads of an iteration (16-byte read-only path or element by element) before using any; q,
-//    key s and the first cache keys go out together. Dot products are reduced over the group's lanes by xor-shuffles; each group keeps its
-//    own online-softmax state (m, l and its lanes' slices of O in fp32 registers). At the end the
+//    key s and the first cache keys go out together. Dot products are reduced over the group's lanes
+//    by xor-shuffles; each group keeps its own online-softmax state (m, l and its lanes' slices of O in fp32 registers). At the end the
 //    groups of a warp are merged by shuffles, the warps of a block through shared memory, the
 //    blocks of a cluster in its first block (each block stores its (m, l, O) into the first block's
 //    shared memory, distributed shared memory: no workspace) or, workspace split, by the merge
@@ -1167,23 +1167,11 @@ cudaError_t launch_decode(const EetPrepadAttentionParams& p, const PrepadArgs& a
     args.decode_pipe = 2;  // only a forced warp count (EET_DECODE_WARPS, tuning builds) gets here
   }
   const size_t ring = static_cast<size_t>(warps) * args.decode_pipe * Cfg::kStageBytesPerWarp;
-  if (ring > 0) {
-    // Static and dynamic shared memory together may pass 48 KB: opt in once per device and
-    // instance, for the largest ring launched (kRingBytesMax).
-    static std::atomic<uint64_t> configured[2];
-    const int idx = via_ws ? 1 : 0;
-    const uint64_t bit = device >= 0 && device < 64 ? (uint64_t{1} << device) : 0;
-    if (bit == 0 || (configured[idx].load(std::memory_order_relaxed) & bit) == 0) {
-      const int most = Cfg::kRingBytesMax;
-      err = via_ws ? cudaFuncSetAttribute(prepad_decode_kernel<T, D, true>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, most)
-                   : cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most);
-      if (err != cudaSuccess) {
-        return fail(err, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize, " + std::to_string(most) +
-                             ") failed for the decode kernel: " + cuda_error_text(err));
-      }
-      configured[idx].fetch_or(bit, std::memory_order_relaxed);
-    }
+  if (ring > 0) {  // static and dynamic shared memory together may pass 48 KB: the largest ring launched
+    static std::atomic<uint64_t> configured{0}, configured_ws{0};
+    err = via_ws ? allow_dynamic_smem(prepad_decode_kernel<T, D, true>, Cfg::kRingBytesMax, D, configured_ws)
+                 : allow_dynamic_smem(kernel, Cfg::kRingBytesMax, D, configured);
+    if (err != cudaSuccess) return err;
   }
   if (splits == 1) {
     kernel<<<grid, 32 * warps, ring, stream>>>(args, nullptr);
