@@ -596,3 +596,35 @@ def test_long_prompt(dtype_name, head_dim):
 def test_negative_scale(dtype_name):
     """A negative softmax scale: the row maximum of the scores is not that of Q K^T."""
     _generate("fused", dtype_name, 64, 150, n_decode=1, scale=-0.2)
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])
+def test_decode_ring_equals_register_path(dtype_name, head_dim, split_mode, monkeypatch):
+    """The decode kernel's two ways of loading cache keys give the same output bit for bit: the shared-memory
+    ring (16-byte aligned inputs, the default) and the register path (EET_DECODE_PIPE=0, as misaligned inputs
+    take). Both use the same launch (splits, warps, each warp's keys) and fold the keys in the same order.
+    Unsplit (32 rows x 4 heads of a 256 cache) and split (3 rows x 2 heads of 2048, 2 or 3 ring stages)."""
+    dtype_code, dtype = DTYPES[dtype_name]
+    gen = _generator("ring", dtype_name, head_dim)
+    scale = 1.0 / math.sqrt(head_dim)
+    for batch, num_heads, max_len in ((32, 4, 256), (3, 2, 2048)):
+        s = max_len - 1
+        pads = [0, s] + [int(x) for x in torch.randint(0, s, (batch - 2,), generator=gen)]
+        cache = _filled_cache(batch, num_heads, max_len, head_dim, dtype, pads, gen)
+        pads_dev = torch.tensor(pads, dtype=torch.int32, device=DEVICE)
+        step = torch.tensor([s], dtype=torch.int32, device=DEVICE)
+        tok = Tokens("separate", batch, 1, num_heads, head_dim, dtype, gen)
+        outs = []
+        for pipe in (None, "0"):  # the second run appends the same key and value at s again
+            if pipe is None:
+                monkeypatch.delenv("EET_DECODE_PIPE", raising=False)
+            else:
+                monkeypatch.setenv("EET_DECODE_PIPE", pipe)
+            tok.out.fill_(float("nan"))
+            _launch(tok, cache, pads_dev, step, dtype_code=dtype_code, scale=scale)
+            torch.cuda.synchronize()
+            outs.append(tok.out.clone())
+        ctx = f"{split_mode}, {dtype_name}, head_dim {head_dim}, {batch} x {num_heads} of {max_len}, pads {pads}"
+        assert torch.isfinite(outs[0]).all(), f"non-finite ring output: {ctx}"
+        assert torch.equal(outs[0], outs[1]), f"ring and register path differ: {ctx}"
