@@ -141,15 +141,39 @@ struct MmaTile {
 };
 
 // ------------------------------------------------------------------------------------------------
-// Tile loads: rows [0, valid) of a ROWS x D tile (row r at src + r * stride) to shared memory (row
-// stride LD halves); rows [valid, ROWS) are zero-filled and not read. vec: 16-byte cp.async (src and
-// stride 16-byte aligned), else element by element.
-template <int D, int ROWS, int LD, int THREADS>
-__device__ __forceinline__ void load_rows(__half* dst, const __half* __restrict__ src,
-                                          int64_t stride, int valid, bool vec) {
+// Rows a fixed stride apart: row r at p + r * stride.
+struct StridedRows {
+  const __half* p;
+  int64_t stride;
+  __device__ __forceinline__ const __half* operator()(int r) const { return p + r * stride; }
+};
+
+// Where the key / value rows of a key tile lie, for one source of rows a fixed stride apart (row j,
+// absolute index, at k + j * k_stride; the varlen kernel). mma_attention_block takes any type with
+// these two members (rows of the tile from key n0, as load_rows takes them): the pre-padding context
+// kernel's reads the cache below the step and the new tokens' rows from k / v.
+struct StridedKV {
+  const __half* k;
+  int64_t k_stride;
+  const __half* v;
+  int64_t v_stride;
+  __device__ __forceinline__ StridedRows k_tile(int n0) const {
+    return {k + n0 * k_stride, k_stride};
+  }
+  __device__ __forceinline__ StridedRows v_tile(int n0) const {
+    return {v + n0 * v_stride, v_stride};
+  }
+};
+
+// Tile loads: rows [0, valid) of a ROWS x D tile (row r at row_ptr(r)) to shared memory (row stride
+// LD halves); rows [valid, ROWS) are zero-filled and not read. vec: 16-byte cp.async (every row
+// 16-byte aligned), else element by element.
+template <int D, int ROWS, int LD, int THREADS, typename RowPtr>
+__device__ __forceinline__ void load_rows(__half* dst, RowPtr row_ptr, int valid, bool vec) {
   constexpr int C = D / 8;
   if (vec) {
     const uint32_t base = smem_addr(dst);
+    const __half* const any = row_ptr(0);  // a valid address for the zero-filled (unread) rows
     constexpr int kIters = (ROWS * C + THREADS - 1) / THREADS;
 #pragma unroll
     for (int n = 0; n < kIters; ++n) {
@@ -158,14 +182,14 @@ __device__ __forceinline__ void load_rows(__half* dst, const __half* __restrict_
       const int r = i / C;
       const int c = i - r * C;
       const bool ok = r < valid;
-      const __half* p = ok ? src + r * stride + c * 8 : src;
+      const __half* p = ok ? row_ptr(r) + c * 8 : any;
       cp_async16(base + static_cast<uint32_t>((r * LD + c * 8) * sizeof(__half)), p, ok);
     }
   } else {
     for (int i = threadIdx.x; i < ROWS * D; i += THREADS) {
       const int r = i / D;
       const int c = i - r * D;
-      dst[r * LD + c] = r < valid ? src[r * stride + c] : __float2half(0.f);
+      dst[r * LD + c] = r < valid ? row_ptr(r)[c] : __float2half(0.f);
     }
   }
 }
@@ -175,7 +199,7 @@ __device__ __forceinline__ void load_rows(__half* dst, const __half* __restrict_
 // [n_start, n_end).
 //
 //   q, q_stride, valid_m   query rows [0, valid_m) (row r at q + r * q_stride); others are not read
-//   k, v, kv strides       key row j (absolute index) at k + j * k_stride, v + j * v_stride
+//   kv                     where the key / value rows of a tile lie (StridedKV)
 //   n_start, n_end         the keys (n_end <= n_start: none; every row then writes zeros)
 //   causal_pos0            kCausal: row r sees key j only if j <= causal_pos0 + r
 //   out, o_stride          row r at out + r * o_stride; rows [0, valid_m) are written, rows outside
@@ -183,10 +207,10 @@ __device__ __forceinline__ void load_rows(__half* dst, const __half* __restrict_
 //   smem                   MmaTile::kSmemBytes of dynamic shared memory (16-byte aligned)
 // Must be called by all threads of the block (it synchronizes); callers that run it more than once
 // per block synchronize between calls.
-template <typename Cfg, int D, bool kCausal>
+template <typename Cfg, int D, bool kCausal, typename KV>
 __device__ __forceinline__ void mma_attention_block(
-    const __half* __restrict__ q, int64_t q_stride, int valid_m, const __half* __restrict__ k,
-    int64_t k_stride, const __half* __restrict__ v, int64_t v_stride, int n_start, int n_end,
+    const __half* __restrict__ q, int64_t q_stride, int valid_m, const KV& kv, int n_start,
+    int n_end,
     int causal_pos0, float scale_log2, bool vec, __half* __restrict__ out, int64_t o_stride,
     int row_lo, int row_hi, __half* smem) {
   constexpr int kBlockM = Cfg::kBlockM;
@@ -228,12 +252,13 @@ __device__ __forceinline__ void mma_attention_block(
     const auto load_kv = [&](int tile, int buf) {
       const int n0 = n_start + tile * kBlockN;
       const int valid = min(kBlockN, n_end - n0);
-      load_rows<D, kBlockN, kLd, kThreads>(k_s + buf * Cfg::kKVElems, k + n0 * k_stride, k_stride,
-                                           valid, vec);
-      load_rows<D, kBlockN, kLd, kThreads>(v_s + buf * Cfg::kKVElems, v + n0 * v_stride, v_stride,
-                                           valid, vec);
+      load_rows<D, kBlockN, kLd, kThreads>(
+          k_s + buf * Cfg::kKVElems, kv.k_tile(n0), valid, vec);
+      load_rows<D, kBlockN, kLd, kThreads>(
+          v_s + buf * Cfg::kKVElems, kv.v_tile(n0), valid, vec);
     };
-    load_rows<D, kBlockM, kLd, kThreads>(q_s, q, q_stride, valid_m, vec);
+    load_rows<D, kBlockM, kLd, kThreads>(
+        q_s, [&](int r) { return q + static_cast<int64_t>(r) * q_stride; }, valid_m, vec);
     load_kv(0, 0);
     cp_async_commit();
 

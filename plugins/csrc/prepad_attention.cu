@@ -1,8 +1,10 @@
 // Pre-padding attention with a KV cache (GPT-2 generation, EET): the eet_prepad_attention C ABI of
 // eet_attention.h.
 //
-// Context (seq > 1): two kernels, in this order on the caller's stream (the attention of one
-// (row, head) reads keys that other blocks append, so the append must be complete first). Decode
+// Context (seq > 1), fp32: two kernels, 1 then 2a, in this order on the caller's stream (the attention
+// of one (row, head) reads keys that other blocks append, so the append must be complete first).
+// Context, fp16: one kernel (2a, tensor cores) whose blocks append their own query tile's keys and
+// values and read the new tokens' keys from k and v, the older ones from the caches. Decode
 // (seq == 1): one kernel (2b) that appends and attends.
 //
 // 1. prepad_append_kernel: k_cache[b, h, s + i, :] = k[b, i, h, :] (and v likewise).
@@ -11,7 +13,8 @@
 //    and V as raw 16-byte vectors (or element by element when a pointer or row stride does not allow
 //    it). Positions outside [0, max_len) are skipped.
 //
-// 2a. seq > 1 (context): prepad_context_kernel, the tiling of varlen_attention.cu on the cache.
+// 2a. seq > 1 (context, fp32): prepad_context_kernel, the tiling of varlen_attention.cu on the cache
+//    (fp16: prepad_context_mma_kernel, below, the same on tensor cores and fused with the append).
 //    grid  = (ceil(seq / kBlockM), num_heads, min(batch, 65535)); blocks loop over batch in steps of
 //            gridDim.z, and blockIdx.x runs from the last (longest) query tile to the first.
 //    block = 128 threads = 32 quads of 4 lanes; kBlockM = 64 query rows of one (b, h), quad g owns
@@ -52,8 +55,9 @@
 //    kernel, and O / l is written (zeros when the row has no key).
 //
 // Every register array is indexed by compile-time constants (fully unrolled loops); no kernel
-// spills on sm_80 / sm_90 (see -DEET_PTXAS_VERBOSE=ON); on sm_86 / sm_89 the causal head_dim 128
-// tensor-core tile spills 92 bytes (nvcc 13.0). Global memory outside the rows, columns and cache
+// spills on sm_90 (see -DEET_PTXAS_VERBOSE=ON); on sm_80 / sm_86 / sm_89 the tensor-core context
+// kernel spills 16 bytes for head_dim 96 and 8 bytes for head_dim 80 with 64-row tiles (a tile only
+// EET_MMA_TILE selects for head_dim 80) (nvcc 13.0). Global memory outside the rows, columns and cache
 // positions described in eet_attention.h is never read or written, whatever *step and pad_lengths
 // hold.
 
@@ -426,16 +430,72 @@ __global__ void __launch_bounds__(AttentionTile<D>::kThreads)
   }
 }
 
-// 2a (fp16). Context attention on tensor cores (mma_attention.cuh): same tiles, key range, causal
-// mask and zero rows as prepad_context_kernel; 64 query rows per block (16 per warp) or 128 (32 per
-// warp), chosen in launch_context.
+// Where a context block's keys and values lie (row b, head h; fp16): key j < s in the caches (rows
+// D apart from k_cache / v_cache, cache row (b, h, 0)), j >= s new token j - s (rows k_stride /
+// v_stride apart from k_new / v_new, new token 0). Kept in shared memory, written by one thread per
+// row: the tile loop reads it when it issues a tile's loads instead of holding four more pointers in
+// registers.
+struct ContextSources {
+  const __half* k_cache;
+  const __half* v_cache;
+  const __half* k_new;
+  const __half* v_new;
+  int64_t k_stride;
+  int64_t v_stride;
+  int64_t s;  // the step (< 0: every key is a new token)
+};
+
+template <int D>
+struct ContextKV {
+  const ContextSources* src;  // shared memory, read per row (not held in registers)
+  template <bool kKeys>
+  struct Rows {  // the rows of the tile from key n0
+    const ContextSources* src;
+    int n0;
+    __device__ __forceinline__ const __half* operator()(int r) const {
+      const int64_t j = n0 + r;
+      return j < src->s ? (kKeys ? src->k_cache : src->v_cache) + j * D
+                        : (kKeys ? src->k_new : src->v_new) +
+                              (j - src->s) * (kKeys ? src->k_stride : src->v_stride);
+    }
+  };
+  __device__ __forceinline__ Rows<true> k_tile(int n0) const { return {src, n0}; }
+  __device__ __forceinline__ Rows<false> v_tile(int n0) const { return {src, n0}; }
+};
+
+// The fused context kernel's shared memory: the attention tile's, plus, when that keeps a block within
+// 64 KB (three blocks per multiprocessor on sm_90: head_dim <= 64 with 64-row tiles), a staging area
+// for the append's kBlockM rows of K and V, whose copies then start with the block (in flight with Q
+// and the first key tile). Otherwise the append stages in the K / V buffers after the attention.
+template <int D, int BlockM, int WarpRows>
+struct ContextMma {
+  using Tile = MmaTile<D, BlockM, WarpRows>;
+  static constexpr int kChunks = D / 8;  // 16-byte vectors per row of K or V
+  static constexpr size_t kStageBytes = 2 * BlockM * D * sizeof(__half);
+  static constexpr bool kEarlyAppend = Tile::kSmemBytes + kStageBytes <= 64 * 1024;
+  static constexpr size_t kSmemBytes = Tile::kSmemBytes + (kEarlyAppend ? kStageBytes : 0);
+  static_assert(kStageBytes <= 4 * Tile::kKVElems * sizeof(__half),
+                "the late append stages in the K / V buffers");
+  static_assert(Tile::kSmemBytes % 16 == 0, "16-byte staging slots");
+};
+
+// 2a (fp16). Context attention on tensor cores (mma_attention.cuh), fused with the append: same tiles,
+// key range, causal mask and zero rows as prepad_context_kernel; 64 query rows per block (16 per warp)
+// or 128 (32 per warp), chosen in launch_context.
+// Each block attends and appends its own query tile's keys and values (head h, new tokens m0 ..
+// m0 + valid_m - 1, positions in [0, max_len)) to the caches: keys below the step s come from the
+// caches (written by earlier launches, never by this one), keys at s and after from k and v (row
+// j - s), so no block waits for another block's append.
 // Blocks are ordered so that the last query tile of every (row, head) (the one with the most keys)
 // is dispatched first, then the one before it, and so on.
 template <int D, int BlockM, int WarpRows>
 __global__ void __launch_bounds__(MmaTile<D, BlockM, WarpRows>::kThreads)
     prepad_context_mma_kernel(const PrepadArgs a) {
+  using Fused = ContextMma<D, BlockM, WarpRows>;
+  using Cfg = typename Fused::Tile;
   extern __shared__ uint4 smem_u4[];
   __half* const smem = reinterpret_cast<__half*>(smem_u4);
+  __shared__ ContextSources sources;
   // Linear block id -> (query tile, from the last; head; first row).
   const uint64_t heads_rows = static_cast<uint64_t>(gridDim.y) * gridDim.z;
   const uint64_t lin =
@@ -448,7 +508,8 @@ __global__ void __launch_bounds__(MmaTile<D, BlockM, WarpRows>::kThreads)
 
   const int m0 = tile * BlockM;
   const int valid_m = min(BlockM, a.seq - m0);  // >= 1: the grid covers seq exactly
-  const bool vec = a.attention_vec != 0;
+  // 16-byte accesses: q, out and the caches (attention) and k, v (keys from the new tokens, append).
+  const bool vec = a.attention_vec != 0 && a.append_vec != 0;
   const int64_t s = __ldg(a.step);
   const int64_t tile_pos = s + m0;  // cache position of local query row 0
   // Keys of the whole tile: [pad, n_end), n_end = min(last position + 1, max_len) (<= 0: none).
@@ -456,7 +517,7 @@ __global__ void __launch_bounds__(MmaTile<D, BlockM, WarpRows>::kThreads)
   const int n_end = static_cast<int>(last_excl < 0 ? 0 : (last_excl > a.max_len ? a.max_len
                                                                                  : last_excl));
   // Row r sees key j only if j <= pos0 + r (pos0: tile_pos clamped to int, as in the CUDA-core
-  // kernel); rows whose position lies outside [0, max_len) write zeros.
+  // kernel); rows whose position lies outside [0, max_len) write zeros and are not appended.
   const int pos0 = static_cast<int>(tile_pos < -BlockM ? -BlockM
                                                        : (tile_pos > a.max_len ? a.max_len
                                                                                : tile_pos));
@@ -467,17 +528,73 @@ __global__ void __launch_bounds__(MmaTile<D, BlockM, WarpRows>::kThreads)
 
   for (int64_t b = b_first; b < a.batch; b += gridDim.z) {
     const int n_start = max(__ldg(a.pad_lengths + b), 0);  // keys before the pad length: never read
+    const int64_t tok0 = b * a.seq;  // the row's first new token
+    const int64_t col = static_cast<int64_t>(h) * D;
+    const __half* k_new = static_cast<const __half*>(a.k) + tok0 * a.k_stride + col;  // token 0
+    const __half* v_new = static_cast<const __half*>(a.v) + tok0 * a.v_stride + col;
+    __half* k_head = cache_head<__half, D>(a.k_cache, b, h, a.num_heads, a.max_len);
+    __half* v_head = cache_head<__half, D>(a.v_cache, b, h, a.num_heads, a.max_len);
+
+    // The append copies the tile's rows [row_lo, app_hi) (valid and inside the cache), D / 8 vectors
+    // each of K and V, to the caches through shared memory: loads issued with the block's first ones
+    // (kEarlyAppend) or after the attention, stores after it (whose registers are then free).
+    constexpr int C = Fused::kChunks;
+    const int app_hi = min(row_hi, valid_m);
+    uint4* const k_stage = reinterpret_cast<uint4*>(
+        reinterpret_cast<char*>(smem) +
+        (Fused::kEarlyAppend ? Cfg::kSmemBytes : Cfg::kQElems * sizeof(__half)));
+    uint4* const v_stage = k_stage + BlockM * C;
+    const auto append_issue = [&] {
+#pragma unroll 1
+      for (int i = row_lo * C + static_cast<int>(threadIdx.x); i < app_hi * C; i += Cfg::kThreads) {
+        const int r = i / C;
+        const int64_t src = static_cast<int64_t>(m0 + r);
+        const int c = (i - r * C) * 8;
+        cp_async16(smem_addr(k_stage + i), k_new + src * a.k_stride + c, true);
+        cp_async16(smem_addr(v_stage + i), v_new + src * a.v_stride + c, true);
+      }
+      cp_async_commit();
+    };
     __syncthreads();  // a previous row of this block is done with shared memory
-    const __half* q = static_cast<const __half*>(a.q) + (b * a.seq + m0) * a.q_stride +
+    if (vec && Fused::kEarlyAppend) append_issue();
+    if (threadIdx.x == 0) {
+      sources = ContextSources{k_head, v_head, k_new, v_new, a.k_stride, a.v_stride, s};
+    }
+    __syncthreads();
+    const __half* q = static_cast<const __half*>(a.q) + (tok0 + m0) * a.q_stride +
                       static_cast<int64_t>(h) * D;
-    __half* out = static_cast<__half*>(a.out) + (b * a.seq + m0) * a.o_stride +
+    __half* out = static_cast<__half*>(a.out) + (tok0 + m0) * a.o_stride +
                   static_cast<int64_t>(h) * D;
-    const __half* k_head = cache_head<__half, D>(a.k_cache, b, h, a.num_heads, a.max_len);
-    const __half* v_head = cache_head<__half, D>(a.v_cache, b, h, a.num_heads, a.max_len);
     // n_start >= n_end (every query of the tile is padding): no key tile at all, zeros written.
-    mma_attention_block<MmaTile<D, BlockM, WarpRows>, D, true>(
-        q, a.q_stride, valid_m, k_head, D, v_head, D, n_start, n_end, pos0, a.scale_log2, vec, out,
-        a.o_stride, row_lo, row_hi, smem);
+    mma_attention_block<Cfg, D, true>(q, a.q_stride, valid_m, ContextKV<D>{&sources}, n_start,
+                                      n_end, pos0, a.scale_log2, vec, out, a.o_stride, row_lo,
+                                      row_hi, smem);
+    // Append, 16-byte path: every thread cp.asyncs its vectors into its own staging slots (all in
+    // flight at once) and later stores what it copied (no barrier between: a thread reads back only
+    // its own copies).
+    if (vec && !Fused::kEarlyAppend) {
+      __syncthreads();  // every warp is done with the K / V buffers, the staging area now
+      append_issue();
+    }
+    if (vec) {
+      cp_async_wait<0>();
+#pragma unroll 1
+      for (int i = row_lo * C + static_cast<int>(threadIdx.x); i < app_hi * C; i += Cfg::kThreads) {
+        const int r = i / C;
+        const int64_t dst = (tile_pos + r) * D + (i - r * C) * 8;
+        *reinterpret_cast<uint4*>(k_head + dst) = k_stage[i];
+        *reinterpret_cast<uint4*>(v_head + dst) = v_stage[i];
+      }
+    } else {
+#pragma unroll 1
+      for (int i = row_lo * D + static_cast<int>(threadIdx.x); i < app_hi * D; i += Cfg::kThreads) {
+        const int r = i / D;
+        const int c = i - r * D;
+        const int64_t src = static_cast<int64_t>(m0 + r);
+        k_head[(tile_pos + r) * D + c] = k_new[src * a.k_stride + c];
+        v_head[(tile_pos + r) * D + c] = v_new[src * a.v_stride + c];
+      }
+    }
   }
 }
 
@@ -1007,15 +1124,16 @@ cudaError_t multiprocessor_count(int* count) {
 template <int D, int BlockM, int WarpRows>
 cudaError_t launch_context_mma(const EetPrepadAttentionParams& p, const PrepadArgs& a,
                                cudaStream_t stream) {
-  using Cfg = MmaTile<D, BlockM, WarpRows>;
+  using Fused = ContextMma<D, BlockM, WarpRows>;
+  using Cfg = typename Fused::Tile;
   const auto kernel = prepad_context_mma_kernel<D, BlockM, WarpRows>;
   static std::atomic<uint64_t> configured_devices{0};
-  cudaError_t err = allow_dynamic_smem(kernel, Cfg::kSmemBytes, D, configured_devices);
+  cudaError_t err = allow_dynamic_smem(kernel, Fused::kSmemBytes, D, configured_devices);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>((p.seq + BlockM - 1) / BlockM),
                   static_cast<unsigned>(p.num_heads),
                   static_cast<unsigned>(p.batch < 65535 ? p.batch : 65535));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(a);
+  kernel<<<grid, Cfg::kThreads, Fused::kSmemBytes, stream>>>(a);
   err = cudaGetLastError();
   if (err != cudaSuccess) return fail(err, launch_failure("context kernel", p.dtype, D, err));
   return cudaSuccess;
@@ -1241,14 +1359,15 @@ cudaError_t launch_prepad(const EetPrepadAttentionParams& p, cudaStream_t stream
   // Decode: one kernel appends the new key and value and attends (reading them from k and v).
   if (p.seq == 1) return launch_decode<T, D>(p, a, stream);
 
-  // 1. Append the new keys and values.
-  const dim3 append_grid(static_cast<unsigned>(p.seq),
-                         static_cast<unsigned>(p.batch < 65535 ? p.batch : 65535));
-  prepad_append_kernel<T, D><<<append_grid, kAppendThreads, 0, stream>>>(a);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return fail(err, launch_failure("append kernel", p.dtype, D, err));
-
-  // 2. Attention over the caches (stream order puts it after the append).
+  // fp32: 1. append the new keys and values; 2. attention over the caches (stream order puts it after
+  // the append). fp16: one kernel appends and attends (each block appends its own query tile).
+  if constexpr (!kTensorCores) {
+    const dim3 append_grid(static_cast<unsigned>(p.seq),
+                           static_cast<unsigned>(p.batch < 65535 ? p.batch : 65535));
+    prepad_append_kernel<T, D><<<append_grid, kAppendThreads, 0, stream>>>(a);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return fail(err, launch_failure("append kernel", p.dtype, D, err));
+  }
   return launch_context<T, D, kTensorCores>(p, a, stream);
 }
 

@@ -320,9 +320,9 @@ __global__ void __launch_bounds__(MmaTile<D, BlockM, WarpRows>::kThreads)
                       static_cast<int64_t>(start) * args.v_stride + head_off;
     __half* out = static_cast<__half*>(args.out) +
                   static_cast<int64_t>(start + m0) * args.o_stride + head_off;
-    mma_attention_block<Cfg, D, false>(q, args.q_stride, valid_m, k, args.k_stride, v,
-                                          args.v_stride, 0, len, 0, args.scale_log2, vec, out,
-                                          args.o_stride, 0, valid_m, smem);
+    mma_attention_block<Cfg, D, false>(q, args.q_stride, valid_m,
+                                       StridedKV{k, args.k_stride, v, args.v_stride}, 0, len, 0,
+                                       args.scale_log2, vec, out, args.o_stride, 0, valid_m, smem);
   }
 }
 
