@@ -84,9 +84,10 @@ EET_API int32_t eet_abi_version(void);
 // The caller guarantees 0 <= s, s + seq <= max_len and 0 <= pad_lengths[b]. If these are violated the
 // kernels still stay in bounds: a negative pad length counts as 0, and a token whose position lies
 // outside [0, max_len) is neither appended nor attended to (its output row is all zeros).
-// In the context phase the new keys/values are appended by one kernel and attention runs in a second
-// one, on the same stream; in the decode phase (seq == 1) one kernel does both (it reads the new key
-// and value from k and v). The caches must not alias q, k, v or out.
+// Decode calls (seq == 1) and fp16 context calls run one kernel that appends and attends (it reads the
+// new keys and values from k and v; a workspace split adds a merge kernel); fp32 context calls append
+// in one kernel and attend in a second one, on the same stream.
+// The caches must not alias q, k, v or out.
 typedef struct EetPrepadAttentionParams {
   const void* q;               // [batch, seq, num_heads, head_dim]: element (b, i, h, d) at
                                // q[(b * seq + i) * q_row_stride + h * head_dim + d]
