@@ -150,8 +150,8 @@ struct StridedRows {
 
 // Where the key / value rows of a key tile lie, for one source of rows a fixed stride apart (row j,
 // absolute index, at k + j * k_stride; the varlen kernel). mma_attention_block takes any type with
-// these two members (rows of the tile from key n0, as load_rows takes them): the pre-padding context
-// kernel's reads the cache below the step and the new tokens' rows from k / v.
+// these two members (rows of the tile from key n0, as load_rows takes them); the pre-padding context
+// kernel's type reads the cache below the step and the new tokens' rows from k / v.
 struct StridedKV {
   const __half* k;
   int64_t k_stride;
@@ -210,8 +210,7 @@ __device__ __forceinline__ void load_rows(__half* dst, RowPtr row_ptr, int valid
 template <typename Cfg, int D, bool kCausal, typename KV>
 __device__ __forceinline__ void mma_attention_block(
     const __half* __restrict__ q, int64_t q_stride, int valid_m, const KV& kv, int n_start,
-    int n_end,
-    int causal_pos0, float scale_log2, bool vec, __half* __restrict__ out, int64_t o_stride,
+    int n_end, int causal_pos0, float scale_log2, bool vec, __half* __restrict__ out, int64_t o_stride,
     int row_lo, int row_hi, __half* smem) {
   constexpr int kBlockM = Cfg::kBlockM;
   constexpr int kBlockN = Cfg::kBlockN;

@@ -470,7 +470,6 @@ struct ContextKV {
 template <int D, int BlockM, int WarpRows>
 struct ContextMma {
   using Tile = MmaTile<D, BlockM, WarpRows>;
-  static constexpr int kChunks = D / 8;  // 16-byte vectors per row of K or V
   static constexpr size_t kStageBytes = 2 * BlockM * D * sizeof(__half);
   static constexpr bool kEarlyAppend = Tile::kSmemBytes + kStageBytes <= 64 * 1024;
   static constexpr size_t kSmemBytes = Tile::kSmemBytes + (kEarlyAppend ? kStageBytes : 0);
@@ -538,7 +537,7 @@ __global__ void __launch_bounds__(MmaTile<D, BlockM, WarpRows>::kThreads)
     // The append copies the tile's rows [row_lo, app_hi) (valid and inside the cache), D / 8 vectors
     // each of K and V, to the caches through shared memory: loads issued with the block's first ones
     // (kEarlyAppend) or after the attention, stores after it (whose registers are then free).
-    constexpr int C = Fused::kChunks;
+    constexpr int C = Cfg::kChunks;  // 16-byte vectors per row of K or V
     const int app_hi = min(row_hi, valid_m);
     uint4* const k_stage = reinterpret_cast<uint4*>(
         reinterpret_cast<char*>(smem) +
@@ -561,10 +560,8 @@ __global__ void __launch_bounds__(MmaTile<D, BlockM, WarpRows>::kThreads)
       sources = ContextSources{k_head, v_head, k_new, v_new, a.k_stride, a.v_stride, s};
     }
     __syncthreads();
-    const __half* q = static_cast<const __half*>(a.q) + (tok0 + m0) * a.q_stride +
-                      static_cast<int64_t>(h) * D;
-    __half* out = static_cast<__half*>(a.out) + (tok0 + m0) * a.o_stride +
-                  static_cast<int64_t>(h) * D;
+    const __half* q = static_cast<const __half*>(a.q) + (tok0 + m0) * a.q_stride + col;
+    __half* out = static_cast<__half*>(a.out) + (tok0 + m0) * a.o_stride + col;
     // n_start >= n_end (every query of the tile is padding): no key tile at all, zeros written.
     mma_attention_block<Cfg, D, true>(q, a.q_stride, valid_m, ContextKV<D>{&sources}, n_start,
                                       n_end, pos0, a.scale_log2, vec, out, a.o_stride, row_lo,
