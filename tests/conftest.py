@@ -42,6 +42,14 @@ def tensorrt_available() -> bool:
     return True
 
 
+def skip_unless_engine_gpu():
+    """Skips the calling GPU engine test module unless an NVIDIA GPU and a TensorRT flavour are both there."""
+    if not cuda_available():
+        pytest.skip("needs an NVIDIA GPU", allow_module_level=True)
+    if not tensorrt_available():
+        pytest.skip(TENSORRT_MISSING, allow_module_level=True)
+
+
 # Small random models for the GPU engine tests (wide init: peaked attention, so a wrong scale or mask shows).
 GPU_CONFIGS = {
     "bert": dict(model_type="bert", vocab_size=2000, hidden_size=256, num_hidden_layers=3, num_attention_heads=4,

@@ -10,13 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import TENSORRT_MISSING, cuda_available, tensorrt_available
+from conftest import skip_unless_engine_gpu
 
 pytestmark = pytest.mark.gpu
-if not cuda_available():
-    pytest.skip("needs an NVIDIA GPU", allow_module_level=True)
-if not tensorrt_available():
-    pytest.skip(TENSORRT_MISSING, allow_module_level=True)
+skip_unless_engine_gpu()
 
 # The bound is relative to what PyTorch itself gets in the same precision on the same GPU, both measured
 # against ONNX Runtime fp32 on the CPU: engine error <= RATIO x PyTorch's error + FLOOR.

@@ -11,13 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import TENSORRT_MISSING, cuda_available, tensorrt_available
+from conftest import skip_unless_engine_gpu
 
 pytestmark = pytest.mark.gpu
-if not cuda_available():
-    pytest.skip("needs an NVIDIA GPU", allow_module_level=True)
-if not tensorrt_available():
-    pytest.skip(TENSORRT_MISSING, allow_module_level=True)
+skip_unless_engine_gpu()
 
 CONFIG = dict(model_type="gpt2", vocab_size=2000, n_embd=256, n_layer=4, n_head=4, n_positions=256,
               initializer_range=0.1)

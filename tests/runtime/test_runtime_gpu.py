@@ -8,13 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from conftest import CC_SHIM, GPU_CONFIGS, TENSORRT_MISSING, build_like_cpu, cuda_available, tensorrt_available
+from conftest import CC_SHIM, GPU_CONFIGS, build_like_cpu, skip_unless_engine_gpu
 
 pytestmark = pytest.mark.gpu
-if not cuda_available():
-    pytest.skip("needs an NVIDIA GPU", allow_module_level=True)
-if not tensorrt_available():
-    pytest.skip(TENSORRT_MISSING, allow_module_level=True)
+skip_unless_engine_gpu()
 pytest.importorskip("pycuda")
 
 BERT, GPT2 = GPU_CONFIGS["bert"], GPU_CONFIGS["gpt2"]

@@ -4,13 +4,10 @@ for pre-padding attention, the KV caches it updates in place) equal the launcher
 random inputs. On an H100/H200 with TensorRT-RTX this needs the test shim (EET_CC_SHIM, tests/conftest.py)."""
 import pytest
 
-from conftest import TENSORRT_MISSING, cuda_available, tensorrt_available
+from conftest import skip_unless_engine_gpu
 
 pytestmark = pytest.mark.gpu
-if not cuda_available():
-    pytest.skip("needs an NVIDIA GPU", allow_module_level=True)
-if not tensorrt_available():
-    pytest.skip(TENSORRT_MISSING, allow_module_level=True)
+skip_unless_engine_gpu()
 
 import torch  # noqa: E402
 
