@@ -6,11 +6,16 @@ A step function takes ``(input_ids [B, S] int32, pad_lengths [B] int32, step int
 (``temperature``, ``top_k``, ``top_p``, ``uniform``, each [B]) for engines built with sampling; a step function
 passes on those its graph has. The context phase is one step with the whole
 left-padded prompt batch at step 0; each decode step feeds the previous tokens (S = 1) at step = tokens so far.
+
+A step function may instead be a :class:`Pipelined` one (``submit`` / ``collect`` / ``drain``, as the GPT-2
+engine is): then :func:`iterate` submits each decode step *before* it reads the previous step's tokens, and the
+step feeds those tokens back itself (on the GPU), so the host's work of a step (copies, Python, the caller's
+handling of the yielded tokens) overlaps the GPU's work of the next one.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -116,33 +121,86 @@ class StepTokens:
     logits: np.ndarray | None = None
 
 
-def iterate(step_fn: StepFn, prompts: Sequence[Sequence[int]], max_new_tokens: int, limits: Limits | None = None,
-            eos_token_id: int | None = None, sampling: Sampling = GREEDY):
+@runtime_checkable
+class Pipelined(Protocol):
+    """A step function that runs asynchronously: :func:`iterate` keeps one decode step in flight ahead of the
+    one whose tokens it reads.
+
+    ``submit(input_ids, pad_lengths, step, extra)`` enqueues a step and returns a handle at once; ``input_ids``
+    None means "this row's token of the previously submitted step" (S = 1), fed back without the host.
+    ``collect(handle)`` waits for that step and returns ``(next_token [B] int32, logits [B, V] or None)``.
+    ``drain()`` waits for everything submitted (a step submitted ahead and never collected included).
+    """
+
+    def submit(self, ids: np.ndarray | None, pads: np.ndarray, step: int, extra: dict) -> Any: ...
+
+    def collect(self, handle: Any) -> "tuple[np.ndarray, np.ndarray | None]": ...
+
+    def drain(self) -> None: ...
+
+
+class Deferred:
+    """A plain :data:`StepFn` seen as :class:`Pipelined`: a step runs when it is collected (submission order),
+    so a step submitted ahead and never collected (every row finished) costs nothing."""
+
+    def __init__(self, step_fn: StepFn):
+        self.step_fn = step_fn
+        self.token: np.ndarray | None = None
+
+    def submit(self, ids, pads, step, extra):
+        return ids, pads, step, extra
+
+    def collect(self, handle):
+        ids, pads, step, extra = handle
+        if ids is None:
+            if self.token is None:
+                raise EetError("a step that feeds back the previous tokens needs a previous step")
+            ids = self.token.reshape(-1, 1)
+        token, logits = self.step_fn(ids, pads, step, extra)
+        self.token = np.asarray(token).reshape(-1).astype(np.int32)
+        return token, logits
+
+    def drain(self) -> None:
+        pass
+
+
+def iterate(step_fn: StepFn | Pipelined, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+            limits: Limits | None = None, eos_token_id: int | None = None, sampling: Sampling = GREEDY):
     """Yield a :class:`StepTokens` per step, as soon as the step's tokens are known (streaming).
 
     The batch runs left-padded at one step for all rows. A row that produces ``eos_token_id`` is finished: its
     later tokens are reported as -1 (the engine still computes the row, since every row decodes at the same
     step, but nobody sees it), and the loop stops once every row is finished or ``max_new_tokens`` were made.
+    With a :class:`Pipelined` step function, the next step is already submitted when a step's tokens are
+    yielded (it is drained, unused, when the loop stops early); the sampling draws are the same either way.
     """
     if limits is not None:
         limits.check(prompts, max_new_tokens)
     elif not prompts:
         raise EetError("no prompts: give at least one")
+    runner = step_fn if isinstance(step_fn, Pipelined) else Deferred(step_fn)
     ids, pads = left_pad(prompts)
     rng = np.random.default_rng(sampling.seed)
     finished = np.zeros(len(prompts), dtype=bool)
-    token, logits = step_fn(ids, pads, 0, sampling.feeds(rng, len(prompts)))
-    position = ids.shape[1]
-    for index in range(max_new_tokens):
-        token = np.asarray(token).reshape(-1).astype(np.int32)
-        shown = np.where(finished, -1, token).astype(np.int32)
-        if eos_token_id is not None:
-            finished = finished | (token == eos_token_id)
-        yield StepTokens(index, shown, finished.copy(), None if logits is None else np.asarray(logits))
-        if index + 1 == max_new_tokens or finished.all():
-            return
-        token, logits = step_fn(token.reshape(-1, 1), pads, position, sampling.feeds(rng, len(prompts)))
-        position += 1
+    try:
+        pending = runner.submit(ids, pads, 0, sampling.feeds(rng, len(prompts)))
+        position = ids.shape[1]
+        for index in range(max_new_tokens):
+            ahead = None
+            if index + 1 < max_new_tokens:  # out before this step's tokens are read: it feeds them back itself
+                ahead = runner.submit(None, pads, position, sampling.feeds(rng, len(prompts)))
+                position += 1
+            token, logits = runner.collect(pending)
+            token = np.asarray(token).reshape(-1).astype(np.int32)
+            shown = np.where(finished, -1, token).astype(np.int32)
+            if eos_token_id is not None:
+                finished = finished | (token == eos_token_id)
+            yield StepTokens(index, shown, finished.copy(), None if logits is None else np.asarray(logits))
+            if finished.all():
+                return
+            pending = ahead
+    finally:
+        runner.drain()  # nothing stays in flight once the loop ends (early stop, error, or a closed generator)
 
 
 def generate(step_fn: StepFn, prompts: Sequence[Sequence[int]], max_new_tokens: int, limits: Limits | None = None,

@@ -44,6 +44,27 @@ class Generation:
         return sum(len(t) for t in self.tokens)
 
 
+@dataclass
+class _Slot:
+    """Pinned staging buffers of one step in flight and the event recorded after its last copy."""
+
+    host: dict
+    event: object
+    step: "_Step | None" = None
+
+
+@dataclass(eq=False)
+class _Step:
+    """A submitted step (:meth:`Gpt2Engine.submit`): its slot, batch size, whether it downloads logits, its stream."""
+
+    slot: _Slot
+    batch: int
+    logits: bool
+    stream: object
+    done: bool = False
+    stale: bool = False
+
+
 class Gpt2Engine(Engine):
     """A GPT-2 engine built by ``eet build gpt2``; make one with :func:`eet.runtime.load`.
 
@@ -70,12 +91,18 @@ class Gpt2Engine(Engine):
         self.sampling_inputs = [n for n in ("temperature", "top_k", "top_p", "uniform") if n in self.io]
         b, v = self.limits.max_batch, self.limits.vocab_size
         d = self.device
-        self._host = {"input_ids": d.pinned(b * self.limits.max_prompt, np.int32),
-                      "pad_lengths": d.pinned(b, np.int32), "step": d.pinned(1, np.int32),
-                      "next_token": d.pinned(b, np.int32),
-                      "logits": d.pinned(b * v, self.io["logits"].dtype)}
-        for name in self.sampling_inputs:
-            self._host[name] = d.pinned(b, self.io[name].dtype)
+        # Two sets of pinned staging buffers: a step in flight keeps its own while the next one is submitted.
+        self._slots = []
+        for _ in range(2):
+            host = {"input_ids": d.pinned(b * self.limits.max_prompt, np.int32),
+                    "pad_lengths": d.pinned(b, np.int32), "step": d.pinned(1, np.int32),
+                    "next_token": d.pinned(b, np.int32),
+                    "logits": d.pinned(b * v, self.io["logits"].dtype)}
+            for name in self.sampling_inputs:
+                host[name] = d.pinned(b, self.io[name].dtype)
+            self._slots.append(_Slot(host, d.event()))
+        self._turn = 0
+        self._last: _Step | None = None  # the step submitted last
         self.want_logits = False
 
     def _runtime_config(self, profile: int):
@@ -98,15 +125,41 @@ class Gpt2Engine(Engine):
     def __call__(self, ids: np.ndarray, pads: np.ndarray, step: int, extra: dict | None = None):
         """Run one step: ``ids`` int32 [B, S] at cache position ``step`` (0: the context phase over the
         left-padded prompts; else S = 1). Returns (next_token int32 [B], float32 logits [B, V] or None)."""
+        return self.collect(self.submit(ids, pads, step, extra))
+
+    def submit(self, ids: np.ndarray | None, pads: np.ndarray, step: int, extra: dict | None = None) -> "_Step":
+        """Enqueue one step without waiting for it (:class:`~eet.runtime.generation.Pipelined`): arguments as
+        :meth:`__call__`, except that ``ids`` None feeds back the tokens of the step submitted last, device to
+        device (a decode step of the same batch). Returns the handle :meth:`collect` takes. Two submitted steps
+        may be in flight; submitting a third waits for the oldest (whose tokens then can no longer be collected).
+        """
         self._require_open()
-        batch, seq = ids.shape
+        if ids is None:
+            if self._last is None:
+                raise EetError("a step that feeds back the previous tokens needs a previous step: give token ids")
+            batch, seq = self._last.batch, 1
+        else:
+            batch, seq = ids.shape
         decode = step > 0
         if decode and seq != 1:
             raise EetError(f"a decode step takes one token per row, got {seq}")
         ctx = self.contexts[self.DECODE if decode else self.CONTEXT]
-        h = self._host
-        h["input_ids"][: batch * seq] = ids.reshape(-1)
-        self.upload(ctx, "input_ids", h["input_ids"][: batch * seq])
+        slot = self._slots[self._turn]
+        self._turn ^= 1
+        if slot.step is not None:  # its staging buffers are about to be reused
+            if not slot.step.done:
+                slot.event.synchronize()
+            slot.step.stale = True
+        last = self._last
+        if last is not None and last.stream is not ctx.stream and not last.done:
+            ctx.stream.wait_for_event(last.slot.event)  # profiles run on their own streams: keep the order
+        h = slot.host
+        if ids is None:
+            self.device.cuda.memcpy_dtod_async(self.buffers["input_ids"], self.buffers["next_token"],
+                                               batch * 4, ctx.stream)
+        else:
+            h["input_ids"][: batch * seq] = ids.reshape(-1)
+            self.upload(ctx, "input_ids", h["input_ids"][: batch * seq])
         if not decode:
             h["pad_lengths"][:batch] = pads
             self.upload(ctx, "pad_lengths", h["pad_lengths"][:batch])
@@ -115,10 +168,12 @@ class Gpt2Engine(Engine):
         for name in self.sampling_inputs:
             h[name][:batch] = (extra or {})[name]
             self.upload(ctx, name, h[name][:batch])
-        shapes = {"input_ids": (batch, seq), "pad_lengths": (batch,)}
-        shapes.update({name: (batch, *self.cache_geometry) for name in self.cache_names})
-        shapes.update({name: (batch,) for name in self.sampling_inputs})
-        ctx.set_shapes(shapes)
+        if ctx.shape_key != (batch, seq):
+            shapes = {"input_ids": (batch, seq), "pad_lengths": (batch,)}
+            shapes.update({name: (batch, *self.cache_geometry) for name in self.cache_names})
+            shapes.update({name: (batch,) for name in self.sampling_inputs})
+            ctx.set_shapes(shapes)
+            ctx.shape_key = (batch, seq)
         if decode and self.graphs == "stream":
             self._replay(ctx, batch)
         else:
@@ -126,10 +181,27 @@ class Gpt2Engine(Engine):
         self.download(ctx, "next_token", h["next_token"][:batch])
         if self.want_logits:
             self.download(ctx, "logits", h["logits"][: batch * self.limits.vocab_size])
-        ctx.stream.synchronize()
+        slot.event.record(ctx.stream)
+        handle = slot.step = self._last = _Step(slot, batch, self.want_logits, ctx.stream)
+        return handle
+
+    def collect(self, handle: "_Step"):
+        """Wait for a submitted step; (next_token int32 [B], float32 logits [B, V] or None)."""
+        if handle.stale:
+            raise EetError("this step's results were overwritten: collect a step before submitting two more")
+        handle.slot.event.synchronize()
+        handle.done = True
+        h, batch = handle.slot.host, handle.batch
         logits = (h["logits"][: batch * self.limits.vocab_size].reshape(batch, -1).astype(np.float32)
-                  if self.want_logits else None)
+                  if handle.logits else None)
         return h["next_token"][:batch].copy(), logits
+
+    def drain(self) -> None:
+        """Wait for every submitted step (their results stay collectable)."""
+        for slot in self._slots:
+            if slot.step is not None and not slot.step.done:
+                slot.event.synchronize()
+                slot.step.done = True
 
     def _replay(self, ctx, batch: int) -> None:
         """The decode step of ``batch`` rows from its CUDA graph: the first step at a batch size runs plainly

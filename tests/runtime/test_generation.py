@@ -55,3 +55,70 @@ def test_bad_sampling(kwargs, message):
 
     with pytest.raises(EetError, match=message):
         Sampling(**kwargs)
+
+
+class FakePipelined:
+    """A :class:`~eet.runtime.generation.Pipelined` fake: row r emits its last input token + 1; ``ids`` None feeds
+    back the tokens of the step submitted last (as the engine does on the GPU). Records submits and collects."""
+
+    def __init__(self):
+        self.log, self.uniforms, self.device_tokens = [], {}, None
+
+    def submit(self, ids, pads, step, extra):
+        if ids is None:
+            ids = self.device_tokens.reshape(-1, 1)
+        self.device_tokens = (ids[:, -1] + 1).astype(np.int32)
+        self.uniforms[step] = extra["uniform"].copy()
+        self.log.append(("submit", step))
+        return step, self.device_tokens
+
+    def collect(self, handle):
+        self.log.append(("collect", handle[0]))
+        return handle[1], None
+
+    def drain(self):
+        self.log.append(("drain",))
+
+
+def test_pipelined_step_is_submitted_before_the_previous_is_read():
+    """iterate() keeps one decode step in flight ahead of the step it reads, feeds tokens back through
+    submit(None, ...), drains at the end, and yields what the plain loop yields with the same sampling draws."""
+    from eet.runtime.generation import Sampling, iterate
+
+    sampling = Sampling(temperature=1.0, seed=7)
+    fake = FakePipelined()
+    got = [s.tokens.tolist() for s in iterate(fake, [[5, 6], [9]], 3, LIMITS, sampling=sampling)]
+    assert got == [[7, 10], [8, 11], [9, 12]]
+    assert fake.log == [("submit", 0), ("submit", 2), ("collect", 0), ("submit", 3), ("collect", 2),
+                        ("collect", 3), ("drain",)]
+    plain_uniforms = {}
+
+    def step(ids, pads, position, extra):
+        plain_uniforms[position] = extra["uniform"].copy()
+        return (ids[:, -1] + 1).astype(np.int32), None
+
+    assert [s.tokens.tolist() for s in iterate(step, [[5, 6], [9]], 3, LIMITS, sampling=sampling)] == got
+    assert sorted(plain_uniforms) == sorted(fake.uniforms) == [0, 2, 3]
+    for position, u in plain_uniforms.items():
+        np.testing.assert_array_equal(u, fake.uniforms[position])
+
+
+def test_pipelined_early_stop_drains_the_step_ahead():
+    from eet.runtime.generation import iterate
+
+    fake = FakePipelined()  # both rows emit 7, 8, 9, ...: EOS 8 finishes them at the second token
+    got = [s.tokens.tolist() for s in iterate(fake, [[5, 6], [6]], 10, LIMITS, eos_token_id=8)]
+    assert got == [[7, 7], [8, 8]]
+    assert fake.log == [("submit", 0), ("submit", 2), ("collect", 0), ("submit", 3), ("collect", 2), ("drain",)]
+    fake = FakePipelined()  # a consumer that stops reading: closing the generator drains too
+    stream = iterate(fake, [[5, 6], [6]], 10, LIMITS)
+    next(stream)
+    stream.close()
+    assert fake.log[-1] == ("drain",) and fake.log.count(("submit", 3)) == 0
+
+
+def test_feedback_needs_a_previous_step():
+    from eet.runtime.generation import Deferred
+
+    with pytest.raises(EetError, match="needs a previous step"):
+        Deferred(lambda *a: None).collect((None, np.zeros(1, np.int32), 3, {}))
