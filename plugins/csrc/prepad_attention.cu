@@ -851,29 +851,13 @@ __global__ void __launch_bounds__(DecodeConfig<T, D>::kMaxThreads, DecodeConfig<
     // The new key and value (position s) come from k and v: this launch also appends them.
     const T* k_new = static_cast<const T*>(a.k) + b * a.k_stride + static_cast<int64_t>(h) * D;
     const T* v_new = static_cast<const T*>(a.v) + b * a.v_stride + static_cast<int64_t>(h) * D;
-    const T* k_head = cache_head<T, D>(a.k_cache, b, h, a.num_heads, a.max_len);
-    const T* v_head = cache_head<T, D>(a.v_cache, b, h, a.num_heads, a.max_len);
-    if (split == 0 && in_range) {  // the append, for every row (padded ones too)
-      T* kc = cache_head<T, D>(a.k_cache, b, h, a.num_heads, a.max_len) + s * D;
-      T* vc = cache_head<T, D>(a.v_cache, b, h, a.num_heads, a.max_len) + s * D;
-      if (new_vec) {
-        if (threadIdx.x < kVecs) {
-          reinterpret_cast<uint4*>(kc)[threadIdx.x] = __ldg(reinterpret_cast<const uint4*>(k_new) +
-                                                            threadIdx.x);
-          reinterpret_cast<uint4*>(vc)[threadIdx.x] = __ldg(reinterpret_cast<const uint4*>(v_new) +
-                                                            threadIdx.x);
-        }
-      } else {
-        for (int e = threadIdx.x; e < D; e += blockDim.x) {
-          kc[e] = k_new[e];
-          vc[e] = v_new[e];
-        }
-      }
-    }
+    T* const k_head = cache_head<T, D>(a.k_cache, b, h, a.num_heads, a.max_len);
+    T* const v_head = cache_head<T, D>(a.v_cache, b, h, a.num_heads, a.max_len);
 
     // This warp's keys [lo, hi): part `part` of `parts` even shares of [pad, n_end). Keys before
     // the pad are never read; key s is read from k / v (by the last part), the others (< s) from
-    // the caches, which this launch does not write there: no ordering between blocks is needed.
+    // the caches, which this launch does not write there: no ordering between blocks is needed (and
+    // the append of key s to the caches waits until this block's loads are out, after the keys).
     const int n_start = max(__ldg(a.pad_lengths + b), 0);
     const int64_t len = n_end > n_start ? n_end - n_start : 0;
     const int lo = n_start + static_cast<int>(len * part / parts);
@@ -962,6 +946,24 @@ __global__ void __launch_bounds__(DecodeConfig<T, D>::kMaxThreads, DecodeConfig<
           decode_load<T, D>(k_head + static_cast<int64_t>(base) * D,
                             v_head + static_cast<int64_t>(base) * D, cache_hi - base, vec, g, grp,
                             r);
+        }
+      }
+    }
+
+    if (split == 0 && in_range) {  // the append, for every row (padded ones too)
+      T* kc = k_head + s * D;
+      T* vc = v_head + s * D;
+      if (new_vec) {
+        if (threadIdx.x < kVecs) {
+          reinterpret_cast<uint4*>(kc)[threadIdx.x] = __ldg(reinterpret_cast<const uint4*>(k_new) +
+                                                            threadIdx.x);
+          reinterpret_cast<uint4*>(vc)[threadIdx.x] = __ldg(reinterpret_cast<const uint4*>(v_new) +
+                                                            threadIdx.x);
+        }
+      } else {
+        for (int e = threadIdx.x; e < D; e += blockDim.x) {
+          kc[e] = k_new[e];
+          vc[e] = v_new[e];
         }
       }
     }
