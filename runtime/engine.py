@@ -137,7 +137,6 @@ class ProfileContext:
             raise EetError(f"TensorRT refused optimization profile {index}")
         self.stream.synchronize()
         self._shapes: dict[str, tuple[int, ...]] = {}
-        self.shape_key: object = None  # a caller's memo of the shapes set last (reset by set_shapes)
 
     def max_shapes(self, engine: "Engine") -> dict[str, tuple[int, ...]]:
         """Every I/O tensor's largest shape under this profile (inputs from the profile, outputs inferred)."""
@@ -159,7 +158,6 @@ class ProfileContext:
 
     def set_shapes(self, shapes: Mapping[str, Sequence[int]]) -> None:
         """Set input shapes; raises :class:`EetError` naming an input whose shape the profile does not allow."""
-        self.shape_key = None
         for name, shape in shapes.items():
             shape = tuple(int(s) for s in shape)
             if self._shapes.get(name) != shape:

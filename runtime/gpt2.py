@@ -168,12 +168,10 @@ class Gpt2Engine(Engine):
         for name in self.sampling_inputs:
             h[name][:batch] = (extra or {})[name]
             self.upload(ctx, name, h[name][:batch])
-        if ctx.shape_key != (batch, seq):
-            shapes = {"input_ids": (batch, seq), "pad_lengths": (batch,)}
-            shapes.update({name: (batch, *self.cache_geometry) for name in self.cache_names})
-            shapes.update({name: (batch,) for name in self.sampling_inputs})
-            ctx.set_shapes(shapes)
-            ctx.shape_key = (batch, seq)
+        shapes = {"input_ids": (batch, seq), "pad_lengths": (batch,)}
+        shapes.update({name: (batch, *self.cache_geometry) for name in self.cache_names})
+        shapes.update({name: (batch,) for name in self.sampling_inputs})
+        ctx.set_shapes(shapes)
         if decode and self.graphs == "stream":
             self._replay(ctx, batch)
         else:
