@@ -99,6 +99,26 @@ class Encoding:
         return np.stack([h.mean(axis=0, dtype=np.float32) for h in self.hidden_states])
 
 
+@dataclass
+class _Slot:
+    """Pinned staging buffers of one call in flight and the event recorded after its downloads."""
+
+    host: dict
+    event: object
+    call: "_Call | None" = None
+
+
+@dataclass(eq=False)
+class _Call:
+    """A submitted engine call (:meth:`BertEngine.submit_packed`): its slot, tokens and sequences."""
+
+    slot: _Slot
+    tokens: int
+    batch: int
+    done: bool = False
+    stale: bool = False
+
+
 class BertEngine(Engine):
     """A packed BERT engine built by ``eet build bert``; make one with :func:`eet.runtime.load`."""
 
@@ -111,12 +131,15 @@ class BertEngine(Engine):
                                  cfg.get("type_vocab_size", 2))
         self.hidden_size = int(self.info["model"]["hidden_size"])
         d, lim = self.device, self.limits
-        self._host = {name: d.pinned(lim.max_tokens, np.int32)
-                      for name in ("input_ids", "token_type_ids", "position_ids")}
-        self._host["cu_seqlens"] = d.pinned(lim.max_batch + 1, np.int32)
-        self._host["hidden_states"] = d.pinned(lim.max_tokens * self.hidden_size, self.io["hidden_states"].dtype)
-        self._host["first_token_states"] = d.pinned(lim.max_batch * self.hidden_size,
-                                                    self.io["first_token_states"].dtype)
+        # Two sets of pinned staging buffers: encode() packs and submits call i + 1 while call i runs.
+        self._slots = []
+        for _ in range(2):
+            host = {name: d.pinned(lim.max_tokens, np.int32) for name in ("input_ids", "token_type_ids", "position_ids")}
+            host["cu_seqlens"] = d.pinned(lim.max_batch + 1, np.int32)
+            host["hidden_states"] = d.pinned(lim.max_tokens * self.hidden_size, self.io["hidden_states"].dtype)
+            host["first_token_states"] = d.pinned(lim.max_batch * self.hidden_size, self.io["first_token_states"].dtype)
+            self._slots.append(_Slot(host, d.event()))
+        self._turn = 0
         ctx = self.contexts[0]
         d.cuda.memset_d8_async(self.buffers["max_seqlen"], 0, self.io["max_seqlen"].nbytes, ctx.stream)
         ctx.stream.synchronize()
@@ -124,9 +147,22 @@ class BertEngine(Engine):
     def run_packed(self, feeds: dict, copy: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """One engine call on packed inputs (see :func:`pack`): (hidden_states [T, H], first_token_states
         [B, H]) in the engine's dtype; copies, or with ``copy=False`` views of the pinned staging buffers that
-        the next call overwrites."""
+        the call after next overwrites."""
+        return self.collect_packed(self.submit_packed(feeds), copy)
+
+    def submit_packed(self, feeds: dict) -> "_Call":
+        """Enqueue one engine call on packed inputs without waiting for it; :meth:`collect_packed` takes the
+        handle. Two calls may be in flight; submitting a third waits for the oldest (whose results then can no
+        longer be collected)."""
         self._require_open()
-        ctx, h = self.contexts[0], self._host
+        ctx = self.contexts[0]
+        slot = self._slots[self._turn]
+        self._turn ^= 1
+        if slot.call is not None:  # its staging buffers are about to be reused
+            if not slot.call.done:
+                slot.event.synchronize()
+            slot.call.stale = True
+        h = slot.host
         t, b = feeds["input_ids"].size, feeds["cu_seqlens"].size - 1
         for name in ("input_ids", "token_type_ids", "position_ids"):
             h[name][:t] = feeds[name]
@@ -138,12 +174,21 @@ class BertEngine(Engine):
         ctx.set_shapes({"input_ids": (t,), "token_type_ids": (t,), "position_ids": (t,), "cu_seqlens": (b + 1,),
                         "max_seqlen": (longest,)})
         ctx.execute()
-        hidden = h["hidden_states"][: t * self.hidden_size]
-        first = h["first_token_states"][: b * self.hidden_size]
-        self.download(ctx, "hidden_states", hidden)
-        self.download(ctx, "first_token_states", first)
-        ctx.stream.synchronize()
-        hidden, first = hidden.reshape(t, self.hidden_size), first.reshape(b, self.hidden_size)
+        self.download(ctx, "hidden_states", h["hidden_states"][: t * self.hidden_size])
+        self.download(ctx, "first_token_states", h["first_token_states"][: b * self.hidden_size])
+        slot.event.record(ctx.stream)
+        slot.call = _Call(slot, t, b)
+        return slot.call
+
+    def collect_packed(self, call: "_Call", copy: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Wait for a submitted call: (hidden_states [T, H], first_token_states [B, H]) as :meth:`run_packed`."""
+        if call.stale:
+            raise EetError("this call's results were overwritten: collect a call before submitting two more")
+        call.slot.event.synchronize()
+        call.done = True
+        h, t, b = call.slot.host, call.tokens, call.batch
+        hidden = h["hidden_states"][: t * self.hidden_size].reshape(t, self.hidden_size)
+        first = h["first_token_states"][: b * self.hidden_size].reshape(b, self.hidden_size)
         return (hidden.copy(), first.copy()) if copy else (hidden, first)
 
     def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
@@ -186,12 +231,21 @@ class BertEngine(Engine):
         # split into per-sequence views
         hidden = np.empty((int(lengths.sum()), self.hidden_size), self.io["hidden_states"].dtype)
         first = np.empty((len(batch), self.hidden_size), np.float32)
-        row = 0
-        for start, end in calls:
-            feeds = pack(batch[start:end], None if token_type_ids is None else token_type_ids[start:end])
-            h, f = self.run_packed(feeds, copy=False)
-            hidden[row:row + len(h)] = h
-            first[start:end] = f
-            row += len(h)
-        bounds = np.cumsum(lengths)[:-1]
+        # Call i + 1 is packed and submitted before call i's results are copied out: the host's work of one call
+        # overlaps the GPU's work of the next.
+        rows = np.concatenate([[0], np.cumsum(lengths)])
+        pending = None
+        for span in [*calls, None]:
+            submitted = None
+            if span is not None:
+                start, end = span
+                feeds = pack(batch[start:end], None if token_type_ids is None else token_type_ids[start:end])
+                submitted = (self.submit_packed(feeds), start, end)
+            if pending is not None:
+                call, s0, s1 = pending
+                h, f = self.collect_packed(call, copy=False)
+                hidden[rows[s0]:rows[s1]] = h
+                first[s0:s1] = f
+            pending = submitted
+        bounds = rows[1:-1]
         return Encoding(np.split(hidden, bounds), first, lengths, len(calls))
