@@ -55,6 +55,49 @@ def test_check_batch_names_the_problem(batch, types, match):
         check_batch(batch, LIMITS, types)
 
 
+def call_loop_bert(limits):
+    """What encode() needs of a BertEngine, without TensorRT or a GPU: a "call" returns hidden [T, 2] = (token id,
+    call index) per token and first [B, 2] = each sequence's first row; ``log`` records submits and collects."""
+    from eet.runtime.bert import BertEngine
+    from eet.runtime.engine import TensorIO
+
+    class CallLoop(BertEngine):
+        def __init__(self):  # no plan, no device
+            self.limits, self.hidden_size = limits, 2
+            self.io = {"hidden_states": TensorIO("hidden_states", np.dtype(np.float32), False, 0)}
+            self.log = []
+
+        def submit_packed(self, feeds):
+            i = sum(1 for e in self.log if e[0] == "submit")
+            self.log.append(("submit", i))
+            ids = feeds["input_ids"].astype(np.float32)
+            hidden = np.stack([ids, np.full(ids.size, i, np.float32)], 1)
+            return i, hidden, hidden[feeds["cu_seqlens"][:-1]]
+
+        def collect_packed(self, call, copy=True):
+            self.log.append(("collect", call[0]))
+            return call[1], call[2]
+
+    return CallLoop()
+
+
+def test_encode_submits_the_next_call_before_collecting(rng):
+    """encode() packs and submits call i + 1 before it reads call i, and puts every result at its sequence."""
+    engine = call_loop_bert(BertLimits(max_batch=2, max_tokens=10, max_seq=8, vocab_size=100))
+    seqs = [rng.integers(0, 100, n).tolist() for n in (3, 4, 2, 5, 1, 8)]
+    calls = plan_calls([len(s) for s in seqs], engine.limits)
+    out = engine.encode(seqs)
+    assert out.calls == len(calls) >= 3
+    n = len(calls)
+    assert engine.log == [("submit", 0)] + [e for i in range(1, n) for e in (("submit", i), ("collect", i - 1))] + [
+        ("collect", n - 1)]
+    call_of = {row: i for i, (start, end) in enumerate(calls) for row in range(start, end)}
+    for row, seq in enumerate(seqs):
+        assert out.hidden_states[row][:, 0].tolist() == seq
+        assert set(out.hidden_states[row][:, 1].tolist()) == {call_of[row]}
+        assert out.first_token[row].tolist() == [seq[0], call_of[row]]
+
+
 def counting_step(vocab=10):
     """A step function whose row r emits (r + step) % vocab: predictable EOS timing per row."""
     calls = []
