@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from eet.errors import EetError
-from eet.runtime.engine import Engine
+from eet.runtime.engine import Engine, InFlight, Staging
 
 
 @dataclass(frozen=True)
@@ -99,26 +99,6 @@ class Encoding:
         return np.stack([h.mean(axis=0, dtype=np.float32) for h in self.hidden_states])
 
 
-@dataclass
-class _Slot:
-    """Pinned staging buffers of one call in flight and the event recorded after its downloads."""
-
-    host: dict
-    event: object
-    call: "_Call | None" = None
-
-
-@dataclass(eq=False)
-class _Call:
-    """A submitted engine call (:meth:`BertEngine.submit_packed`): its slot, tokens and sequences."""
-
-    slot: _Slot
-    tokens: int
-    batch: int
-    done: bool = False
-    stale: bool = False
-
-
 class BertEngine(Engine):
     """A packed BERT engine built by ``eet build bert``; make one with :func:`eet.runtime.load`."""
 
@@ -131,15 +111,15 @@ class BertEngine(Engine):
                                  cfg.get("type_vocab_size", 2))
         self.hidden_size = int(self.info["model"]["hidden_size"])
         d, lim = self.device, self.limits
-        # Two sets of pinned staging buffers: encode() packs and submits call i + 1 while call i runs.
-        self._slots = []
-        for _ in range(2):
-            host = {name: d.pinned(lim.max_tokens, np.int32) for name in ("input_ids", "token_type_ids", "position_ids")}
-            host["cu_seqlens"] = d.pinned(lim.max_batch + 1, np.int32)
-            host["hidden_states"] = d.pinned(lim.max_tokens * self.hidden_size, self.io["hidden_states"].dtype)
-            host["first_token_states"] = d.pinned(lim.max_batch * self.hidden_size, self.io["first_token_states"].dtype)
-            self._slots.append(_Slot(host, d.event()))
-        self._turn = 0
+
+        def host():
+            bufs = {name: d.pinned(lim.max_tokens, np.int32) for name in ("input_ids", "token_type_ids", "position_ids")}
+            bufs["cu_seqlens"] = d.pinned(lim.max_batch + 1, np.int32)
+            bufs["hidden_states"] = d.pinned(lim.max_tokens * self.hidden_size, self.io["hidden_states"].dtype)
+            bufs["first_token_states"] = d.pinned(lim.max_batch * self.hidden_size, self.io["first_token_states"].dtype)
+            return bufs
+
+        self._staging = Staging(d, host)  # encode() packs and submits call i + 1 while call i runs
         ctx = self.contexts[0]
         d.cuda.memset_d8_async(self.buffers["max_seqlen"], 0, self.io["max_seqlen"].nbytes, ctx.stream)
         ctx.stream.synchronize()
@@ -150,18 +130,13 @@ class BertEngine(Engine):
         the call after next overwrites."""
         return self.collect_packed(self.submit_packed(feeds), copy)
 
-    def submit_packed(self, feeds: dict) -> "_Call":
+    def submit_packed(self, feeds: dict) -> InFlight:
         """Enqueue one engine call on packed inputs without waiting for it; :meth:`collect_packed` takes the
         handle. Two calls may be in flight; submitting a third waits for the oldest (whose results then can no
         longer be collected)."""
         self._require_open()
         ctx = self.contexts[0]
-        slot = self._slots[self._turn]
-        self._turn ^= 1
-        if slot.call is not None:  # its staging buffers are about to be reused
-            if not slot.call.done:
-                slot.event.synchronize()
-            slot.call.stale = True
+        slot = self._staging.take()
         h = slot.host
         t, b = feeds["input_ids"].size, feeds["cu_seqlens"].size - 1
         for name in ("input_ids", "token_type_ids", "position_ids"):
@@ -176,17 +151,11 @@ class BertEngine(Engine):
         ctx.execute()
         self.download(ctx, "hidden_states", h["hidden_states"][: t * self.hidden_size])
         self.download(ctx, "first_token_states", h["first_token_states"][: b * self.hidden_size])
-        slot.event.record(ctx.stream)
-        slot.call = _Call(slot, t, b)
-        return slot.call
+        return self._staging.issue(slot, ctx.stream, tokens=t, batch=b)
 
-    def collect_packed(self, call: "_Call", copy: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def collect_packed(self, call: InFlight, copy: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Wait for a submitted call: (hidden_states [T, H], first_token_states [B, H]) as :meth:`run_packed`."""
-        if call.stale:
-            raise EetError("this call's results were overwritten: collect a call before submitting two more")
-        call.slot.event.synchronize()
-        call.done = True
-        h, t, b = call.slot.host, call.tokens, call.batch
+        h, t, b = self._staging.wait(call), call.tokens, call.batch
         hidden = h["hidden_states"][: t * self.hidden_size].reshape(t, self.hidden_size)
         first = h["first_token_states"][: b * self.hidden_size].reshape(b, self.hidden_size)
         return (hidden.copy(), first.copy()) if copy else (hidden, first)

@@ -170,6 +170,70 @@ class ProfileContext:
             raise EetError(f"TensorRT failed to enqueue the engine (profile {self.index})")
 
 
+class InFlight:
+    """An engine call submitted without waiting: its staging ``slot`` and whatever the submitter records about it
+    (keyword arguments become attributes). ``done`` once waited for; ``stale`` once its slot was handed to a later
+    call (its results are gone)."""
+
+    def __init__(self, slot: "StagingSlot", **info):
+        self.slot, self.done, self.stale = slot, False, False
+        self.__dict__.update(info)
+
+
+@dataclass
+class StagingSlot:
+    """Pinned host buffers of one call in flight (``host``), the event recorded after its last copy, and the call."""
+
+    host: dict
+    event: object
+    call: InFlight | None = None
+
+
+class Staging:
+    """Two sets of pinned host buffers, so that one call can be submitted while the previous one still runs.
+
+    Args:
+        device: makes the events (``device.event()``).
+        make_host: returns one set of host buffers (a dict of pinned arrays).
+    """
+
+    def __init__(self, device, make_host: Callable[[], dict]):
+        self.slots = [StagingSlot(make_host(), device.event()) for _ in range(2)]
+        self._turn = 0
+
+    def take(self) -> StagingSlot:
+        """The next slot; a call still using it is waited for, and its results can no longer be collected."""
+        slot = self.slots[self._turn]
+        self._turn ^= 1
+        if slot.call is not None:
+            if not slot.call.done:
+                slot.event.synchronize()
+            slot.call.stale = True
+            slot.call = None
+        return slot
+
+    def issue(self, slot: StagingSlot, stream, **info) -> InFlight:
+        """Record the end of the call enqueued on ``stream`` with ``slot``'s buffers; the handle to wait on."""
+        slot.event.record(stream)
+        slot.call = InFlight(slot, **info)
+        return slot.call
+
+    def wait(self, call: InFlight, what: str = "call") -> dict:
+        """Wait for ``call``'s copies; its slot's host buffers. Raises :class:`EetError` for a stale call."""
+        if call.stale:
+            raise EetError(f"this {what}'s results were overwritten: collect a {what} before submitting two more")
+        call.slot.event.synchronize()
+        call.done = True
+        return call.slot.host
+
+    def drain(self) -> None:
+        """Wait for every call in flight (their results stay collectable)."""
+        for slot in self.slots:
+            if slot.call is not None and not slot.call.done:
+                slot.event.synchronize()
+                slot.call.done = True
+
+
 class Engine:
     """A deserialized EET engine with its contexts and buffers. Use :func:`load` to make one.
 

@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from eet.errors import EetError
-from eet.runtime.engine import Engine
+from eet.runtime.engine import Engine, InFlight, Staging
 from eet.runtime.generation import Limits, Sampling, StepTokens, iterate
 
 MODEL_EOS = "model"
@@ -44,27 +44,6 @@ class Generation:
         return sum(len(t) for t in self.tokens)
 
 
-@dataclass
-class _Slot:
-    """Pinned staging buffers of one step in flight and the event recorded after its last copy."""
-
-    host: dict
-    event: object
-    step: "_Step | None" = None
-
-
-@dataclass(eq=False)
-class _Step:
-    """A submitted step (:meth:`Gpt2Engine.submit`): its slot, batch size, whether it downloads logits, its stream."""
-
-    slot: _Slot
-    batch: int
-    logits: bool
-    stream: object
-    done: bool = False
-    stale: bool = False
-
-
 class Gpt2Engine(Engine):
     """A GPT-2 engine built by ``eet build gpt2``; make one with :func:`eet.runtime.load`.
 
@@ -91,18 +70,16 @@ class Gpt2Engine(Engine):
         self.sampling_inputs = [n for n in ("temperature", "top_k", "top_p", "uniform") if n in self.io]
         b, v = self.limits.max_batch, self.limits.vocab_size
         d = self.device
-        # Two sets of pinned staging buffers: a step in flight keeps its own while the next one is submitted.
-        self._slots = []
-        for _ in range(2):
-            host = {"input_ids": d.pinned(b * self.limits.max_prompt, np.int32),
-                    "pad_lengths": d.pinned(b, np.int32), "step": d.pinned(1, np.int32),
-                    "next_token": d.pinned(b, np.int32),
+
+        def host():
+            bufs = {"input_ids": d.pinned(b * self.limits.max_prompt, np.int32), "pad_lengths": d.pinned(b, np.int32),
+                    "step": d.pinned(1, np.int32), "next_token": d.pinned(b, np.int32),
                     "logits": d.pinned(b * v, self.io["logits"].dtype)}
-            for name in self.sampling_inputs:
-                host[name] = d.pinned(b, self.io[name].dtype)
-            self._slots.append(_Slot(host, d.event()))
-        self._turn = 0
-        self._last: _Step | None = None  # the step submitted last
+            bufs.update({name: d.pinned(b, self.io[name].dtype) for name in self.sampling_inputs})
+            return bufs
+
+        self._staging = Staging(d, host)  # a step in flight keeps its buffers while the next one is submitted
+        self._last: InFlight | None = None  # the step submitted last (.batch, .logits, .stream)
         self.want_logits = False
 
     def _runtime_config(self, profile: int):
@@ -127,7 +104,7 @@ class Gpt2Engine(Engine):
         left-padded prompts; else S = 1). Returns (next_token int32 [B], float32 logits [B, V] or None)."""
         return self.collect(self.submit(ids, pads, step, extra))
 
-    def submit(self, ids: np.ndarray | None, pads: np.ndarray, step: int, extra: dict | None = None) -> "_Step":
+    def submit(self, ids: np.ndarray | None, pads: np.ndarray, step: int, extra: dict | None = None) -> InFlight:
         """Enqueue one step without waiting for it (:class:`~eet.runtime.generation.Pipelined`): arguments as
         :meth:`__call__`, except that ``ids`` None feeds back the tokens of the step submitted last, device to
         device (a decode step of the same batch). Returns the handle :meth:`collect` takes. Two submitted steps
@@ -144,12 +121,7 @@ class Gpt2Engine(Engine):
         if decode and seq != 1:
             raise EetError(f"a decode step takes one token per row, got {seq}")
         ctx = self.contexts[self.DECODE if decode else self.CONTEXT]
-        slot = self._slots[self._turn]
-        self._turn ^= 1
-        if slot.step is not None:  # its staging buffers are about to be reused
-            if not slot.step.done:
-                slot.event.synchronize()
-            slot.step.stale = True
+        slot = self._staging.take()
         last = self._last
         if last is not None and last.stream is not ctx.stream and not last.done:
             ctx.stream.wait_for_event(last.slot.event)  # profiles run on their own streams: keep the order
@@ -179,27 +151,19 @@ class Gpt2Engine(Engine):
         self.download(ctx, "next_token", h["next_token"][:batch])
         if self.want_logits:
             self.download(ctx, "logits", h["logits"][: batch * self.limits.vocab_size])
-        slot.event.record(ctx.stream)
-        handle = slot.step = self._last = _Step(slot, batch, self.want_logits, ctx.stream)
-        return handle
+        self._last = self._staging.issue(slot, ctx.stream, batch=batch, logits=self.want_logits, stream=ctx.stream)
+        return self._last
 
-    def collect(self, handle: "_Step"):
+    def collect(self, handle: InFlight):
         """Wait for a submitted step; (next_token int32 [B], float32 logits [B, V] or None)."""
-        if handle.stale:
-            raise EetError("this step's results were overwritten: collect a step before submitting two more")
-        handle.slot.event.synchronize()
-        handle.done = True
-        h, batch = handle.slot.host, handle.batch
+        h, batch = self._staging.wait(handle, "step"), handle.batch
         logits = (h["logits"][: batch * self.limits.vocab_size].reshape(batch, -1).astype(np.float32)
                   if handle.logits else None)
         return h["next_token"][:batch].copy(), logits
 
     def drain(self) -> None:
         """Wait for every submitted step (their results stay collectable)."""
-        for slot in self._slots:
-            if slot.step is not None and not slot.step.done:
-                slot.event.synchronize()
-                slot.step.done = True
+        self._staging.drain()
 
     def _replay(self, ctx, batch: int) -> None:
         """The decode step of ``batch`` rows from its CUDA graph: the first step at a batch size runs plainly

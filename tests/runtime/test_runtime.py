@@ -55,6 +55,43 @@ def test_check_batch_names_the_problem(batch, types, match):
         check_batch(batch, LIMITS, types)
 
 
+class FakeEvent:
+    def __init__(self):
+        self.recorded, self.waits = [], 0
+
+    def record(self, stream):
+        self.recorded.append(stream)
+
+    def synchronize(self):
+        self.waits += 1
+
+
+class FakeDevice:
+    def event(self):
+        return FakeEvent()
+
+
+def test_staging_alternates_slots_and_retires_calls():
+    """Two staging slots in turn: taking a slot back waits for a call still in it (only if not collected) and
+    makes its handle stale; waiting on a stale handle names the problem; drain waits for what is in flight."""
+    from eet.runtime.engine import Staging
+
+    st = Staging(FakeDevice(), lambda: {"x": np.zeros(2)})
+    s0 = st.take()
+    a = st.issue(s0, "stream 0", batch=1)
+    s1 = st.take()
+    b = st.issue(s1, "stream 1", batch=2)
+    assert s0 is not s1 and (a.batch, b.batch) == (1, 2) and s0.event.recorded == ["stream 0"]
+    assert st.wait(a, "step") is s0.host and a.done and s0.event.waits == 1
+    assert st.take() is s0 and a.stale and s0.event.waits == 1  # a was collected: no second wait
+    with pytest.raises(EetError, match="this step's results were overwritten: collect a step before"):
+        st.wait(a, "step")
+    c = st.issue(s0, "stream 0")
+    assert st.take() is s1 and s1.event.waits == 1 and b.stale and not c.done  # b never collected: waited for
+    st.drain()
+    assert c.done and s0.event.waits == 2 and s1.event.waits == 1  # only c was still in flight
+
+
 def call_loop_bert(limits):
     """What encode() needs of a BertEngine, without TensorRT or a GPU: a "call" returns hidden [T, 2] = (token id,
     call index) per token and first [B, 2] = each sequence's first row; ``log`` records submits and collects."""
