@@ -110,19 +110,20 @@ class BertEngine(Engine):
         self.limits = BertLimits(build["max_batch"], build["max_tokens"], build["max_seq"], cfg["vocab_size"],
                                  cfg.get("type_vocab_size", 2))
         self.hidden_size = int(self.info["model"]["hidden_size"])
-        d, lim = self.device, self.limits
-
-        def host():
-            bufs = {name: d.pinned(lim.max_tokens, np.int32) for name in ("input_ids", "token_type_ids", "position_ids")}
-            bufs["cu_seqlens"] = d.pinned(lim.max_batch + 1, np.int32)
-            bufs["hidden_states"] = d.pinned(lim.max_tokens * self.hidden_size, self.io["hidden_states"].dtype)
-            bufs["first_token_states"] = d.pinned(lim.max_batch * self.hidden_size, self.io["first_token_states"].dtype)
-            return bufs
-
-        self._staging = Staging(d, host)  # encode() packs and submits call i + 1 while call i runs
+        d = self.device
+        self._staging = Staging(d, self._host_buffers)  # encode() packs and submits call i + 1 while call i runs
         ctx = self.contexts[0]
         d.cuda.memset_d8_async(self.buffers["max_seqlen"], 0, self.io["max_seqlen"].nbytes, ctx.stream)
         ctx.stream.synchronize()
+
+    def _host_buffers(self) -> dict:
+        """One set of pinned staging buffers for a call (packed inputs, both outputs)."""
+        d, lim = self.device, self.limits
+        bufs = {name: d.pinned(lim.max_tokens, np.int32) for name in ("input_ids", "token_type_ids", "position_ids")}
+        bufs["cu_seqlens"] = d.pinned(lim.max_batch + 1, np.int32)
+        bufs["hidden_states"] = d.pinned(lim.max_tokens * self.hidden_size, self.io["hidden_states"].dtype)
+        bufs["first_token_states"] = d.pinned(lim.max_batch * self.hidden_size, self.io["first_token_states"].dtype)
+        return bufs
 
     def run_packed(self, feeds: dict, copy: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """One engine call on packed inputs (see :func:`pack`): (hidden_states [T, H], first_token_states

@@ -213,9 +213,10 @@ class Staging:
         return slot
 
     def issue(self, slot: StagingSlot, stream, **info) -> InFlight:
-        """Record the end of the call enqueued on ``stream`` with ``slot``'s buffers; the handle to wait on."""
+        """Record the end of the call enqueued on ``stream`` with ``slot``'s buffers; the handle to wait on
+        (``.stream`` is that stream)."""
         slot.event.record(stream)
-        slot.call = InFlight(slot, **info)
+        slot.call = InFlight(slot, stream=stream, **info)
         return slot.call
 
     def wait(self, call: InFlight, what: str = "call") -> dict:

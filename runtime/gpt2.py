@@ -68,19 +68,18 @@ class Gpt2Engine(Engine):
         self.cache_names = [f"past_{k}.{i}" for i in range(cache["layers"]) for k in ("key", "value")]
         self.cache_geometry = (cache["heads"], gen["max_len"], cache["head_dim"])
         self.sampling_inputs = [n for n in ("temperature", "top_k", "top_p", "uniform") if n in self.io]
-        b, v = self.limits.max_batch, self.limits.vocab_size
-        d = self.device
-
-        def host():
-            bufs = {"input_ids": d.pinned(b * self.limits.max_prompt, np.int32), "pad_lengths": d.pinned(b, np.int32),
-                    "step": d.pinned(1, np.int32), "next_token": d.pinned(b, np.int32),
-                    "logits": d.pinned(b * v, self.io["logits"].dtype)}
-            bufs.update({name: d.pinned(b, self.io[name].dtype) for name in self.sampling_inputs})
-            return bufs
-
-        self._staging = Staging(d, host)  # a step in flight keeps its buffers while the next one is submitted
+        self._staging = Staging(self.device, self._host_buffers)  # a step in flight keeps its own buffers
         self._last: InFlight | None = None  # the step submitted last (.batch, .logits, .stream)
         self.want_logits = False
+
+    def _host_buffers(self) -> dict:
+        """One set of pinned staging buffers for a step (inputs to upload, outputs to download)."""
+        d, b = self.device, self.limits.max_batch
+        bufs = {"input_ids": d.pinned(b * self.limits.max_prompt, np.int32), "pad_lengths": d.pinned(b, np.int32),
+                "step": d.pinned(1, np.int32), "next_token": d.pinned(b, np.int32),
+                "logits": d.pinned(b * self.limits.vocab_size, self.io["logits"].dtype)}
+        bufs.update({name: d.pinned(b, self.io[name].dtype) for name in self.sampling_inputs})
+        return bufs
 
     def _runtime_config(self, profile: int):
         config = super()._runtime_config(profile)
@@ -151,7 +150,7 @@ class Gpt2Engine(Engine):
         self.download(ctx, "next_token", h["next_token"][:batch])
         if self.want_logits:
             self.download(ctx, "logits", h["logits"][: batch * self.limits.vocab_size])
-        self._last = self._staging.issue(slot, ctx.stream, batch=batch, logits=self.want_logits, stream=ctx.stream)
+        self._last = self._staging.issue(slot, ctx.stream, batch=batch, logits=self.want_logits)
         return self._last
 
     def collect(self, handle: InFlight):

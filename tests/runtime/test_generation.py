@@ -1,9 +1,11 @@
-"""Generation control that needs no GPU: left padding, limits and their errors."""
+"""Generation control that needs no GPU: left padding, limits and their errors, the pipelined loop, and the GPT-2
+engine's submit/collect wiring over NumPy fakes of its CUDA side."""
 import numpy as np
 import pytest
 
 from eet.errors import EetError
 from eet.runtime.generation import Limits, greedy, left_pad
+from fakes import FakeDevice
 
 LIMITS = Limits(max_batch=4, max_prompt=8, max_len=16, vocab_size=100)
 
@@ -122,3 +124,69 @@ def test_feedback_needs_a_previous_step():
 
     with pytest.raises(EetError, match="needs a previous step"):
         Deferred(lambda *a: None).collect((None, np.zeros(1, np.int32), 3, {}))
+
+
+def fake_gpt2_engine(max_batch=4, max_prompt=8, vocab=100):
+    """A Gpt2Engine whose CUDA and TensorRT are NumPy fakes that run each copy and step at once: a step's
+    ``next_token`` is (last input token + step) % vocab. Exercises submit/collect/drain's wiring (staging slots,
+    the device-side token feedback, the stream order between the profiles) without a GPU; ``log`` records
+    stream waits and steps."""
+    from eet.runtime.engine import Staging, TensorIO
+    from eet.runtime.gpt2 import Gpt2Engine
+
+    log = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_for_event(self, event):
+            log.append(("wait", self.name))
+
+    class Context:
+        def __init__(self, engine, name):
+            self.engine, self.stream, self.shapes = engine, Stream(name), {}
+
+        def set_shapes(self, shapes):
+            self.shapes = dict(shapes)
+
+        def execute(self):
+            b, s = self.shapes["input_ids"]
+            buf = self.engine.buffers
+            ids = buf["input_ids"].view(np.int32)[: b * s].reshape(b, s)
+            step = int(buf["step"].view(np.int32)[0])
+            buf["next_token"].view(np.int32)[:b] = (ids[:, -1] + step) % vocab
+            log.append(("step", self.stream.name, step))
+
+    class Fake(Gpt2Engine):
+        def __init__(self):  # no plan, no GPU
+            self._closed, self.device, self.graphs, self.want_logits = False, FakeDevice(), "off", False
+            self.limits = Limits(max_batch, max_prompt, 32, vocab)
+            self.cache_names, self.cache_geometry, self.sampling_inputs = [], (), []
+            self.buffers = {name: np.zeros(4 * max_batch * max_prompt, np.uint8)
+                            for name in ("input_ids", "pad_lengths", "step", "next_token")}
+            self.contexts = [Context(self, "context"), Context(self, "decode")]
+            self.io = {"logits": TensorIO("logits", np.dtype(np.float32), False, 0)}
+            self._staging = Staging(self.device, self._host_buffers)
+            self._last = None
+            self.log = log
+
+    return Fake()
+
+
+def test_engine_pipeline_wiring_matches_the_plain_loop():
+    """Gpt2Engine.submit/collect driven by iterate() (tokens fed back device to device) yields what the same
+    steps give when each runs to completion with host token ids; the decode stream waits once for the context's."""
+    from eet.runtime.generation import iterate
+
+    prompts = [[5, 6, 7], [9], [1, 2]]
+    engine = fake_gpt2_engine()
+    piped = [s.tokens.tolist() for s in iterate(engine, prompts, 5, LIMITS)]
+    assert [e for e in engine.log if e[0] == "wait"] == [("wait", "decode")]
+    assert [e[1:] for e in engine.log if e[0] == "step"] == [("context", 0), ("decode", 3), ("decode", 4),
+                                                             ("decode", 5), ("decode", 6)]
+    plain_engine = fake_gpt2_engine()
+    plain = [s.tokens.tolist() for s in iterate(lambda *a: plain_engine(*a), prompts, 5, LIMITS)]
+    assert piped == plain == [[7, 9, 2], [10, 12, 5], [14, 16, 9], [19, 21, 14], [25, 27, 20]]
+    with pytest.raises(EetError, match="needs a previous step"):
+        fake_gpt2_engine().submit(None, np.zeros(1, np.int32), 3)

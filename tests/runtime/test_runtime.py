@@ -9,6 +9,7 @@ import pytest
 from eet.errors import EetError
 from eet.runtime.bert import BertLimits, check_batch, pack, plan_calls
 from eet.runtime.engine import check_compatible, unsupported_gpu_message
+from fakes import FakeDevice
 
 LIMITS = BertLimits(max_batch=4, max_tokens=100, max_seq=40, vocab_size=50)
 
@@ -53,22 +54,6 @@ def test_plan_calls_respects_every_limit(rng):
 def test_check_batch_names_the_problem(batch, types, match):
     with pytest.raises(EetError, match=match):
         check_batch(batch, LIMITS, types)
-
-
-class FakeEvent:
-    def __init__(self):
-        self.recorded, self.waits = [], 0
-
-    def record(self, stream):
-        self.recorded.append(stream)
-
-    def synchronize(self):
-        self.waits += 1
-
-
-class FakeDevice:
-    def event(self):
-        return FakeEvent()
 
 
 def test_staging_alternates_slots_and_retires_calls():
@@ -133,6 +118,57 @@ def test_encode_submits_the_next_call_before_collecting(rng):
         assert out.hidden_states[row][:, 0].tolist() == seq
         assert set(out.hidden_states[row][:, 1].tolist()) == {call_of[row]}
         assert out.first_token[row].tolist() == [seq[0], call_of[row]]
+
+
+def fake_bert_engine(limits):
+    """A BertEngine whose CUDA and TensorRT are NumPy fakes that run at once: hidden [T, 2] = (token id, position)
+    per token, first_token_states the first row of each sequence; ``executed`` counts the engine calls."""
+    from eet.runtime.bert import BertEngine
+    from eet.runtime.engine import Staging, TensorIO
+
+    class Context:
+        def __init__(self, engine):
+            self.engine, self.stream, self.shapes = engine, "stream", {}
+
+        def set_shapes(self, shapes):
+            self.shapes = dict(shapes)
+
+        def execute(self):
+            buf, t, b = self.engine.buffers, self.shapes["input_ids"][0], self.shapes["cu_seqlens"][0] - 1
+            ids, pos = buf["input_ids"].view(np.int32)[:t], buf["position_ids"].view(np.int32)[:t]
+            hidden = np.stack([ids, pos], 1).astype(np.float32)
+            buf["hidden_states"].view(np.float32)[: 2 * t] = hidden.reshape(-1)
+            buf["first_token_states"].view(np.float32)[: 2 * b] = hidden[buf["cu_seqlens"].view(np.int32)[:b]].reshape(-1)
+            self.engine.executed += 1
+
+    class Fake(BertEngine):
+        def __init__(self):  # no plan, no GPU
+            self._closed, self.device, self.limits, self.hidden_size = False, FakeDevice(), limits, 2
+            self.io = {n: TensorIO(n, np.dtype(np.float32), False, 0) for n in ("hidden_states", "first_token_states")}
+            self.buffers = {n: np.zeros(4 * 2 * (limits.max_tokens + limits.max_batch + 1), np.uint8)
+                            for n in ("input_ids", "token_type_ids", "position_ids", "cu_seqlens", "max_seqlen",
+                                      "hidden_states", "first_token_states")}
+            self.contexts, self.executed = [Context(self)], 0
+            self._staging = Staging(self.device, self._host_buffers)
+
+    return Fake()
+
+
+def test_encode_wiring_over_several_calls(rng):
+    """The real submit_packed / collect_packed under encode(), over fakes: every sequence gets its own token ids
+    and positions back, in input order, over several calls; a call collected after two more were submitted fails."""
+    engine = fake_bert_engine(BertLimits(max_batch=2, max_tokens=10, max_seq=8, vocab_size=100))
+    seqs = [rng.integers(0, 100, n).tolist() for n in (3, 4, 2, 5, 1, 8)]
+    out = engine.encode(seqs)
+    assert out.calls == engine.executed == len(plan_calls([len(s) for s in seqs], engine.limits)) >= 3
+    for row, seq in enumerate(seqs):
+        assert out.hidden_states[row].tolist() == [[t, i] for i, t in enumerate(seq)]
+        assert out.first_token[row].tolist() == [seq[0], 0]
+    first = engine.submit_packed(pack(seqs[:1]))
+    engine.submit_packed(pack(seqs[1:2]))
+    engine.submit_packed(pack(seqs[2:3]))
+    with pytest.raises(EetError, match="this call's results were overwritten"):
+        engine.collect_packed(first)
 
 
 def counting_step(vocab=10):
