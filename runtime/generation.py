@@ -203,8 +203,8 @@ def iterate(step_fn: StepFn | Pipelined, prompts: Sequence[Sequence[int]], max_n
         runner.drain()  # nothing stays in flight once the loop ends (early stop, error, or a closed generator)
 
 
-def generate(step_fn: StepFn | Pipelined, prompts: Sequence[Sequence[int]], max_new_tokens: int, limits: Limits | None = None,
-             eos_token_id: int | None = None, sampling: Sampling = GREEDY,
+def generate(step_fn: StepFn | Pipelined, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             limits: Limits | None = None, eos_token_id: int | None = None, sampling: Sampling = GREEDY,
              ) -> tuple[list[list[int]], list[np.ndarray]]:
     """Generate up to ``max_new_tokens`` for every prompt in one left-padded batch (see :func:`iterate`).
 

@@ -138,7 +138,8 @@ def fake_bert_engine(limits):
             ids, pos = buf["input_ids"].view(np.int32)[:t], buf["position_ids"].view(np.int32)[:t]
             hidden = np.stack([ids, pos], 1).astype(np.float32)
             buf["hidden_states"].view(np.float32)[: 2 * t] = hidden.reshape(-1)
-            buf["first_token_states"].view(np.float32)[: 2 * b] = hidden[buf["cu_seqlens"].view(np.int32)[:b]].reshape(-1)
+            starts = buf["cu_seqlens"].view(np.int32)[:b]
+            buf["first_token_states"].view(np.float32)[: 2 * b] = hidden[starts].reshape(-1)
             self.engine.executed += 1
 
     class Fake(BertEngine):
