@@ -77,52 +77,9 @@ def test_staging_alternates_slots_and_retires_calls():
     assert c.done and s0.event.waits == 2 and s1.event.waits == 1  # only c was still in flight
 
 
-def call_loop_bert(limits):
-    """What encode() needs of a BertEngine, without TensorRT or a GPU: a "call" returns hidden [T, 2] = (token id,
-    call index) per token and first [B, 2] = each sequence's first row; ``log`` records submits and collects."""
-    from eet.runtime.bert import BertEngine
-    from eet.runtime.engine import TensorIO
-
-    class CallLoop(BertEngine):
-        def __init__(self):  # no plan, no device
-            self.limits, self.hidden_size = limits, 2
-            self.io = {"hidden_states": TensorIO("hidden_states", np.dtype(np.float32), False, 0)}
-            self.log = []
-
-        def submit_packed(self, feeds):
-            i = sum(1 for e in self.log if e[0] == "submit")
-            self.log.append(("submit", i))
-            ids = feeds["input_ids"].astype(np.float32)
-            hidden = np.stack([ids, np.full(ids.size, i, np.float32)], 1)
-            return i, hidden, hidden[feeds["cu_seqlens"][:-1]]
-
-        def collect_packed(self, call, copy=True):
-            self.log.append(("collect", call[0]))
-            return call[1], call[2]
-
-    return CallLoop()
-
-
-def test_encode_submits_the_next_call_before_collecting(rng):
-    """encode() packs and submits call i + 1 before it reads call i, and puts every result at its sequence."""
-    engine = call_loop_bert(BertLimits(max_batch=2, max_tokens=10, max_seq=8, vocab_size=100))
-    seqs = [rng.integers(0, 100, n).tolist() for n in (3, 4, 2, 5, 1, 8)]
-    calls = plan_calls([len(s) for s in seqs], engine.limits)
-    out = engine.encode(seqs)
-    assert out.calls == len(calls) >= 3
-    n = len(calls)
-    assert engine.log == [("submit", 0)] + [e for i in range(1, n) for e in (("submit", i), ("collect", i - 1))] + [
-        ("collect", n - 1)]
-    call_of = {row: i for i, (start, end) in enumerate(calls) for row in range(start, end)}
-    for row, seq in enumerate(seqs):
-        assert out.hidden_states[row][:, 0].tolist() == seq
-        assert set(out.hidden_states[row][:, 1].tolist()) == {call_of[row]}
-        assert out.first_token[row].tolist() == [seq[0], call_of[row]]
-
-
 def fake_bert_engine(limits):
     """A BertEngine whose CUDA and TensorRT are NumPy fakes that run at once: hidden [T, 2] = (token id, position)
-    per token, first_token_states the first row of each sequence; ``executed`` counts the engine calls."""
+    per token, first_token_states the first row of each sequence; ``log`` records engine runs and collects."""
     from eet.runtime.bert import BertEngine
     from eet.runtime.engine import Staging, TensorIO
 
@@ -140,7 +97,7 @@ def fake_bert_engine(limits):
             buf["hidden_states"].view(np.float32)[: 2 * t] = hidden.reshape(-1)
             starts = buf["cu_seqlens"].view(np.int32)[:b]
             buf["first_token_states"].view(np.float32)[: 2 * b] = hidden[starts].reshape(-1)
-            self.engine.executed += 1
+            self.engine.log.append("run")
 
     class Fake(BertEngine):
         def __init__(self):  # no plan, no GPU
@@ -149,19 +106,26 @@ def fake_bert_engine(limits):
             self.buffers = {n: np.zeros(4 * 2 * (limits.max_tokens + limits.max_batch + 1), np.uint8)
                             for n in ("input_ids", "token_type_ids", "position_ids", "cu_seqlens", "max_seqlen",
                                       "hidden_states", "first_token_states")}
-            self.contexts, self.executed = [Context(self)], 0
+            self.contexts, self.log = [Context(self)], []
             self._staging = Staging(self.device, self._host_buffers)
+
+        def collect_packed(self, call, copy=True):
+            self.log.append("collect")
+            return super().collect_packed(call, copy)
 
     return Fake()
 
 
-def test_encode_wiring_over_several_calls(rng):
-    """The real submit_packed / collect_packed under encode(), over fakes: every sequence gets its own token ids
-    and positions back, in input order, over several calls; a call collected after two more were submitted fails."""
+def test_encode_pipelines_its_calls(rng):
+    """The real submit_packed / collect_packed under encode(), over fakes: call i + 1 runs before call i is
+    collected, every sequence gets its own token ids and positions back, in input order, over several calls; a
+    call collected after two more were submitted fails."""
     engine = fake_bert_engine(BertLimits(max_batch=2, max_tokens=10, max_seq=8, vocab_size=100))
     seqs = [rng.integers(0, 100, n).tolist() for n in (3, 4, 2, 5, 1, 8)]
     out = engine.encode(seqs)
-    assert out.calls == engine.executed == len(plan_calls([len(s) for s in seqs], engine.limits)) >= 3
+    n = len(plan_calls([len(s) for s in seqs], engine.limits))
+    assert out.calls == n >= 3
+    assert engine.log == ["run"] + ["run", "collect"] * (n - 1) + ["collect"]
     for row, seq in enumerate(seqs):
         assert out.hidden_states[row].tolist() == [[t, i] for i, t in enumerate(seq)]
         assert out.first_token[row].tolist() == [seq[0], 0]
