@@ -1,8 +1,15 @@
 """BERT engines: :meth:`BertEngine.encode` packs a batch of sequences back to back (no padding), runs the
 engine, and returns each sequence's hidden states and first-token vector.
 
-Packing (:func:`pack`) and splitting a batch into engine calls (:func:`plan_calls`) are plain NumPy, so they
-are tested without a GPU.
+Packing (:func:`pack`), splitting a batch into engine calls (:func:`plan_calls`) and rounding a call up to a
+shape bucket (:func:`fill_to_bucket`) are plain NumPy, so they are tested without a GPU.
+
+Shape buckets: TensorRT-RTX prepares every input shape it has not met before, which costs 0.1-1.7 s per new
+shape on an H100 (BERT-base: an ``encode()`` of 31 fresh sequences took 87-1725 ms, against 11 ms for shapes it
+had met). Packed calls would meet a new token count almost every time, so by default each call is rounded up to
+a few shapes: the token count to :func:`token_bucket` (56 buckets up to 16,384 tokens) and the sequence count to
+--max-batch, by filler sequences after the real ones whose outputs are dropped; the ``max_seqlen`` carrier is
+always --max-seq long. Once a bucket has been met, calls in it run at full speed.
 """
 from __future__ import annotations
 
@@ -63,6 +70,47 @@ def plan_calls(lengths: Sequence[int], limits: BertLimits) -> list[tuple[int, in
     return calls
 
 
+def token_bucket(tokens: int, max_tokens: int, max_seq: int) -> int:
+    """The packed length a call of ``tokens`` tokens is rounded up to: a multiple of
+    ``g = 2 ** (floor(log2(tokens)) - 3)`` clamped to [64, max_seq] (eight buckets per octave: at most 1/8 more
+    tokens from 512 tokens up, multiples of 64 below), and at most ``max_tokens``. E.g. (max_seq 512):
+    100 -> 128, 1000 -> 1024, 1100 -> 1152, 9120 -> 9216."""
+    g = min(max(64, 1 << max(int(tokens).bit_length() - 4, 0)), max_seq)
+    return min(-(-tokens // g) * g, max_tokens)
+
+
+def bucket_limits(limits: BertLimits) -> BertLimits | None:
+    """The per-call limits of real sequences when calls are filled to buckets (one sequence slot and
+    --max-batch - 1 tokens stay free for the filler), or None when the engine is too small for that (then
+    calls keep their exact shapes)."""
+    if limits.max_batch < 2 or limits.max_tokens - (limits.max_batch - 1) < limits.max_seq:
+        return None
+    return BertLimits(limits.max_batch - 1, limits.max_tokens - (limits.max_batch - 1), limits.max_seq,
+                      limits.vocab_size, limits.type_vocab)
+
+
+def fill_to_bucket(feeds: dict, limits: BertLimits) -> dict:
+    """``feeds`` (from :func:`pack`, at most :func:`bucket_limits` sequences and tokens) extended to a bucket
+    shape: filler sequences (token id 0, type 0, each 1..max_seq tokens) after the real ones, so that there are
+    ``max_batch`` sequences and :func:`token_bucket` tokens in all, and ``max_seqlen`` = ``max_seq``. The first
+    T tokens and B sequences of the call's outputs are the real ones."""
+    t, b = feeds["input_ids"].size, feeds["cu_seqlens"].size - 1
+    fillers = limits.max_batch - b
+    total = token_bucket(t + fillers, limits.max_tokens, limits.max_seq)
+    if fillers < 1 or total - t > fillers * limits.max_seq:
+        raise EetError(f"a call of {b} sequences and {t} tokens does not fit a bucket of {limits}: plan it with "
+                       "bucket_limits()")
+    extra = total - t
+    lengths = np.full(fillers, extra // fillers, np.int64)
+    lengths[: extra % fillers] += 1
+    cat = np.zeros(extra, np.int32)
+    return {"input_ids": np.concatenate([feeds["input_ids"], cat]),
+            "token_type_ids": np.concatenate([feeds["token_type_ids"], cat]),
+            "position_ids": np.concatenate([feeds["position_ids"]] + [np.arange(n, dtype=np.int32) for n in lengths]),
+            "cu_seqlens": np.concatenate([feeds["cu_seqlens"], t + np.cumsum(lengths)]).astype(np.int32),
+            "max_seqlen": limits.max_seq}
+
+
 def pack(ids: Sequence[Sequence[int]], token_types: Sequence[Sequence[int]] | None = None) -> dict[str, np.ndarray]:
     """The packed engine inputs of one call (int32): ``input_ids``, ``token_type_ids``, ``position_ids`` [T]
     (positions restart at 0 for each sequence), ``cu_seqlens`` [B+1]; plus ``max_seqlen``, the longest length
@@ -115,6 +163,11 @@ class BertEngine(Engine):
         ctx = self.contexts[0]
         d.cuda.memset_d8_async(self.buffers["max_seqlen"], 0, self.io["max_seqlen"].nbytes, ctx.stream)
         ctx.stream.synchronize()
+
+    @property
+    def call_limits(self) -> BertLimits:
+        """Per-call limits of real sequences: :attr:`limits`, less the filler's share with shape buckets."""
+        return (bucket_limits(self.limits) if self.shape_buckets else None) or self.limits
 
     def _host_buffers(self) -> dict:
         """One set of pinned staging buffers for a call (packed inputs, both outputs)."""
@@ -196,7 +249,9 @@ class BertEngine(Engine):
             raise EetError("give sequences either all as texts or all as token-id lists, not mixed")
         check_batch(batch, self.limits, token_type_ids)
         lengths = np.array([len(s) for s in batch])
-        calls = plan_calls(lengths.tolist(), self.limits)
+        call_limits = self.call_limits
+        calls = plan_calls(lengths.tolist(), call_limits)
+        buckets = call_limits is not self.limits
         # one [T, H] array in the engine's dtype (no float32 conversion on the host: numpy's fp16 casts are slow),
         # split into per-sequence views
         hidden = np.empty((int(lengths.sum()), self.hidden_size), self.io["hidden_states"].dtype)
@@ -210,12 +265,12 @@ class BertEngine(Engine):
             if span is not None:
                 start, end = span
                 feeds = pack(batch[start:end], None if token_type_ids is None else token_type_ids[start:end])
-                submitted = (self.submit_packed(feeds), start, end)
+                submitted = (self.submit_packed(fill_to_bucket(feeds, self.limits) if buckets else feeds), start, end)
             if pending is not None:
                 call, s0, s1 = pending
-                h, f = self.collect_packed(call, copy=False)
-                hidden[rows[s0]:rows[s1]] = h
-                first[s0:s1] = f
+                h, f = self.collect_packed(call, copy=False)  # with buckets, the fillers' rows come last
+                hidden[rows[s0]:rows[s1]] = h[: rows[s1] - rows[s0]]
+                first[s0:s1] = f[: s1 - s0]
             pending = submitted
         bounds = rows[1:-1]
         return Encoding(np.split(hidden, bounds), first, lengths, len(calls))

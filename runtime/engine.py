@@ -15,7 +15,10 @@ What :func:`load` does, in order (each step fails with an :class:`EetError` that
    error with its compute capability;
 4. creates one execution context per optimization profile, each with its own stream, and device buffers for
    every engine input and output sized for the largest shapes of the profiles (the GPT-2 KV cache included:
-   the runtime owns it). Host staging buffers are pinned.
+   the runtime owns it). Host staging buffers are pinned;
+5. with TensorRT-RTX, gives every context one runtime cache of the kernels it compiles per new shape, read from
+   a file (by default under ``DIR/runtime_cache/``) and written back when the engine closes, so that the next
+   process skips those compilations (:class:`RuntimeCache`; a missing, stale or unwritable file only warns).
 
 ``deserialize_hook`` is a seam for tests and benchmarks: a context-manager factory wrapped around the plan's
 deserialization (the GPU tests pass the cc-shim's ``faked_capability`` there). The product passes nothing.
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager, Mapping, Sequence
@@ -42,9 +47,12 @@ SPECIALIZATION_MODES = ("auto", "lazy", "eager", "none")
 """TensorRT-RTX compiles shape-specialized kernels when a context meets a new shape
 (``IRuntimeConfig.dynamic_shapes_kernel_specialization_strategy``): ``lazy`` keeps running the generic kernels
 while it compiles in the background, ``eager`` compiles before the first run of a shape (0.3-0.7 s per shape
-on an H100), ``none`` never specializes. ``auto``: ``eager`` for GPT-2's decode profile (one shape per batch
-size, replayed thousands of times; the CUDA graph must capture the specialized kernels), ``lazy`` elsewhere.
-Ignored by flavours without it (full TensorRT picks its kernels at build time)."""
+on an H100), ``none`` never specializes. ``auto`` is ``eager`` for every profile, so a shape always runs the
+same kernels. With ``lazy`` (generic kernels first, specialized ones once compiled), repeating one generate()
+on an fp32 GPT-2 test engine (whose GEMMs TensorRT-RTX runs in TF32) gave other greedy tokens at near-ties in
+both of two test runs on an H100; with ``eager``, in none. The decode profile's CUDA graph also captures the
+specialized kernels. Shape buckets keep the shapes few and the runtime cache keeps their kernels across
+processes (:func:`load`). Ignored by flavours without it (full TensorRT picks its kernels at build time)."""
 
 
 def check_compatible(info: Mapping, flavour: str, version: str) -> None:
@@ -235,6 +243,85 @@ class Staging:
                 slot.call.done = True
 
 
+RUNTIME_CACHE_DIR = "runtime_cache"
+"""Where :func:`load` keeps TensorRT-RTX's runtime cache by default: ``DIR/runtime_cache/`` of the engine
+directory, one file per plan and compute capability (``eet build`` empties it when it writes a new plan)."""
+
+
+def default_runtime_cache_path(directory: Path, plan_sha256: str, capability: tuple[int, int]) -> Path:
+    """``DIR/runtime_cache/<first 16 hex digits of the plan's sha256>-sm<major><minor>.bin``."""
+    return Path(directory) / RUNTIME_CACHE_DIR / f"{plan_sha256[:16]}-sm{capability[0]}{capability[1]}.bin"
+
+
+class RuntimeCache:
+    """TensorRT-RTX's cache of the kernels it compiles when a context meets a new shape
+    (``IRuntimeConfig.create_runtime_cache``), shared by all contexts of one engine and kept in a file across
+    processes, so a later :func:`load` of the same plan on the same kind of GPU skips those compilations.
+
+    ``path`` None keeps the cache in memory only. A file TensorRT-RTX does not accept (corrupt, another GPU
+    or version) is ignored with a warning and replaced at :meth:`save`; a file that cannot be written is
+    reported with a warning, never an error (the engine's results do not depend on the cache).
+    """
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.cache = None
+        self._loaded = b""
+
+    def attach(self, config) -> None:
+        """Give runtime config ``config`` the shared cache (made from the first config, then loaded from
+        :attr:`path`); a flavour without runtime caches is left alone."""
+        if not hasattr(config, "set_runtime_cache"):
+            return
+        if self.cache is None:
+            self.cache = config.create_runtime_cache()
+            if self.cache is None:
+                warnings.warn("TensorRT-RTX did not create a runtime cache; kernels compile in every process")
+                self.path = None
+                return
+            self._load()
+        config.set_runtime_cache(self.cache)
+
+    def _load(self) -> None:
+        if self.path is None or not self.path.is_file():
+            return
+        try:
+            blob = self.path.read_bytes()
+        except OSError as exc:
+            warnings.warn(f"could not read the runtime cache {self.path} ({exc.strerror or exc}); kernels compile "
+                          "again")
+            return
+        if blob and self.cache.deserialize(blob):
+            self._loaded = blob
+        else:
+            self.cache.reset()
+            warnings.warn(f"TensorRT-RTX did not accept the runtime cache {self.path} (another GPU or version, or a "
+                          "damaged file); kernels compile again and the file is replaced when the engine closes")
+
+    def save(self) -> bool:
+        """Write the cache to :attr:`path` if it changed since it was loaded (atomically: a temporary file
+        renamed over it). Returns whether a file was written."""
+        if self.cache is None or self.path is None:
+            return False
+        memory = self.cache.serialize()
+        blob = bytes(memory) if memory is not None else b""
+        if not blob or blob == self._loaded:
+            return False
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(blob)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            warnings.warn(f"could not save the runtime cache to {self.path} ({exc.strerror or exc}): the next load "
+                          "compiles its kernels again; pass runtime_cache=PATH (a writable file) or None")
+            return False
+        self._loaded = blob
+        return True
+
+
 class Engine:
     """A deserialized EET engine with its contexts and buffers. Use :func:`load` to make one.
 
@@ -248,9 +335,11 @@ class Engine:
     family = ""
 
     def __init__(self, directory: Path, info: dict, trt, device, trt_engine, log, graphs: str = "auto",
-                 specialization: str = "auto"):
+                 specialization: str = "auto", runtime_cache: Path | None = None, shape_buckets: bool = True):
         self.directory, self.info, self.trt, self.device = directory, info, trt, device
         self.trt_engine, self.log = trt_engine, log
+        self.shape_buckets = shape_buckets
+        self.runtime_cache = RuntimeCache(runtime_cache)
         if specialization not in SPECIALIZATION_MODES:
             raise EetError(f"unknown kernel specialization {specialization!r}: use one of "
                            f"{', '.join(SPECIALIZATION_MODES)}")
@@ -298,11 +387,12 @@ class Engine:
         if strategy is not None:
             mode = self._specialization(profile)
             config.dynamic_shapes_kernel_specialization_strategy = getattr(strategy, mode.upper())
+        self.runtime_cache.attach(config)
         return config
 
     def _specialization(self, profile: int) -> str:
-        """The specialization mode of ``profile``'s context (``auto`` resolved)."""
-        return "lazy" if self.specialization == "auto" else self.specialization
+        """The specialization mode of ``profile``'s context (``auto`` resolved: eager)."""
+        return "eager" if self.specialization == "auto" else self.specialization
 
     # ---- life cycle
     def close(self) -> None:
@@ -312,6 +402,7 @@ class Engine:
         self._closed = True
         for ctx in self.contexts:
             ctx.stream.synchronize()
+        self.runtime_cache.save()
         self._release()
         self.contexts = []
         self.trt_engine = None
@@ -322,6 +413,12 @@ class Engine:
 
     def _release(self) -> None:
         """Subclasses free what they hold on the device (graphs) before the contexts go."""
+
+    def save_runtime_cache(self) -> bool:
+        """Write the kernels TensorRT-RTX compiled so far to the runtime cache file now (:meth:`close` does it
+        too); returns whether a file was written (False: nothing new, no file, or a warning said why)."""
+        self._require_open()
+        return self.runtime_cache.save()
 
     def __enter__(self):
         return self
@@ -357,6 +454,7 @@ class Engine:
 
 
 def load(directory: str | Path, *, device: int = 0, cuda_graphs: str = "auto", specialization: str = "auto",
+         runtime_cache: str | Path | None = "auto", shape_buckets: bool = True,
          deserialize_hook: Callable[[], ContextManager] | None = None):
     """Load the engine in ``directory`` (written by ``eet build``) on GPU ``device``.
 
@@ -365,6 +463,14 @@ def load(directory: str | Path, *, device: int = 0, cuda_graphs: str = "auto", s
         device: CUDA device ordinal (default 0).
         cuda_graphs: GPT-2 decode-step capture, one of :data:`GRAPH_MODES` (default ``auto``).
         specialization: TensorRT-RTX's shape-specialized kernels, one of :data:`SPECIALIZATION_MODES`.
+        runtime_cache: file of TensorRT-RTX's compiled kernels (:class:`RuntimeCache`), read here and written
+            when the engine closes: ``auto`` (default) a file under ``directory/runtime_cache/`` named by the
+            plan and the GPU's compute capability (:func:`default_runtime_cache_path`), a path, or None (kept in
+            memory only). Ignored by flavours without runtime caches.
+        shape_buckets: round each call's shape up to one of a few buckets (default True), because TensorRT-RTX
+            spends 0.1-1.7 s on every input shape it has not met before: BERT calls are filled to a token
+            bucket (:func:`eet.runtime.bert.token_bucket`), GPT-2 prompt batches are left-padded to a multiple
+            of 64 tokens. False: every call runs at its exact shape.
         deserialize_hook: a context-manager factory wrapped around deserialization (tests only; default none).
 
     Returns:
@@ -393,7 +499,10 @@ def load(directory: str | Path, *, device: int = 0, cuda_graphs: str = "auto", s
         from eet.runtime.gpt2 import Gpt2Engine
 
         cls = {"bert": BertEngine, "gpt2": Gpt2Engine}[info["family"]]
-        return cls(folder, info, trt, dev, trt_engine, log, cuda_graphs, specialization)
+        if runtime_cache == "auto":
+            runtime_cache = default_runtime_cache_path(folder, info["plan_sha256"], dev.info.capability)
+        return cls(folder, info, trt, dev, trt_engine, log, cuda_graphs, specialization,
+                   Path(runtime_cache) if runtime_cache is not None else None, shape_buckets=shape_buckets)
     except BaseException:
         dev.close()
         raise

@@ -15,7 +15,7 @@ import numpy as np
 
 from eet.errors import EetError
 from eet.runtime.engine import Engine, InFlight, Staging
-from eet.runtime.generation import Limits, Sampling, StepTokens, iterate
+from eet.runtime.generation import Limits, Sampling, StepTokens, iterate, prompt_width
 
 MODEL_EOS = "model"
 """Default ``eos_token_id``: the model's own (from the sidecar); pass None to never stop early."""
@@ -86,11 +86,6 @@ class Gpt2Engine(Engine):
         if config is not None and profile == self.DECODE and self.graphs == "engine":
             config.cuda_graph_strategy = self.trt.module.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
         return config
-
-    def _specialization(self, profile: int) -> str:
-        if self.specialization == "auto":
-            return "eager" if profile == self.DECODE else "lazy"
-        return self.specialization
 
     def _release(self) -> None:
         for graph in self._graphs.values():
@@ -214,7 +209,10 @@ class Gpt2Engine(Engine):
         prompts, sampling, eos = self._prepare(prompts, temperature, top_k, top_p, seed, eos_token_id)
         self.want_logits = return_logits
         try:
-            yield from iterate(self, prompts, max_new_tokens, self.limits, eos, sampling)
+            self.limits.check(prompts, max_new_tokens)
+            width = (prompt_width(max(map(len, prompts)), max_new_tokens, self.limits) if self.shape_buckets
+                     else None)
+            yield from iterate(self, prompts, max_new_tokens, self.limits, eos, sampling, width)
         finally:
             self.want_logits = False
 

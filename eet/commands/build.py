@@ -147,6 +147,7 @@ def _write_engine(stage, out: Path, rewritten: Path, profiles, spec, layers: int
     """Stage 4: build ``engine.plan``, checking one plugin layer of ``spec`` per model layer."""
     from eet import trt as trt_compat
     from eet.runtime.build import build_engine
+    from eet.runtime.engine import RUNTIME_CACHE_DIR
 
     trt = trt_compat.load()
     stage(4, f"building the TensorRT engine with {trt.flavour} {trt.version}")
@@ -154,6 +155,7 @@ def _write_engine(stage, out: Path, rewritten: Path, profiles, spec, layers: int
     if built.plugin_layers.get(spec.name, 0) != layers:
         raise EetError(f"the engine has {built.plugin_layers} plugin layers, expected {layers} x {spec.name}")
     (out / "engine.plan").write_bytes(built.plan)
+    shutil.rmtree(out / RUNTIME_CACHE_DIR, ignore_errors=True)  # kernels compiled for a previous plan
     return built
 
 

@@ -36,6 +36,9 @@ def parser() -> argparse.ArgumentParser:
                    help="GPT-2: stop a row at this token (default: the model's EOS; -1: never)")
     p.add_argument("--save", metavar="OUT.npz", help="BERT: write the outputs to this file")
     p.add_argument("--device", type=int, default=0, help="CUDA device ordinal (default 0)")
+    p.add_argument("--runtime-cache", default="auto", metavar="FILE|auto|none",
+                   help="file of TensorRT-RTX's compiled kernels, read at load and written at exit (default auto: "
+                        "DIR/runtime_cache/, named by plan and GPU; none: compile in every run)")
     return p
 
 
@@ -109,7 +112,9 @@ def main(argv: list[str] | None = None, deserialize_hook=None) -> int:
     args = parser().parse_args(argv)
     import eet.runtime
 
-    with eet.runtime.load(args.directory, device=args.device, deserialize_hook=deserialize_hook) as engine:
+    cache = None if args.runtime_cache == "none" else args.runtime_cache
+    with eet.runtime.load(args.directory, device=args.device, runtime_cache=cache,
+                          deserialize_hook=deserialize_hook) as engine:
         print(engine.describe())
         batch = inputs_from_args(args, engine)
         (run_bert if engine.family == "bert" else run_gpt2)(engine, batch, args)

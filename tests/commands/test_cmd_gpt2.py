@@ -16,6 +16,9 @@ def two_layer(tmp_path_factory):
     (folder / "config.json").write_text(json.dumps(dict(model_type="gpt2", vocab_size=500, n_embd=128, n_layer=2,
                                                         n_head=2, n_positions=128, initializer_range=0.1)))
     out = folder / "engine"
+    stale = out / "runtime_cache" / "0123456789abcdef-sm90.bin"  # kernels of a plan built here before
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old kernels")
     assert main(["build", "gpt2", "--config", str(folder / "config.json"), "--out", str(out), "--dtype", "fp32",
                  *SIZES]) == 0
     return out
@@ -30,6 +33,7 @@ def test_build_writes_two_profiles(two_layer):
     assert context["past_key.1"]["max"] == [4, 2, 64, 64]
     assert info["generation"]["max_len"] == 64
     assert {o["name"] for o in info["io"]["outputs"]} == {"next_token", "logits"}
+    assert not (two_layer / "runtime_cache").exists()  # a new plan drops the kernels compiled for the old one
 
 
 def test_check_passes(two_layer, capsys):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from eet.errors import EetError
-from eet.runtime.generation import Limits, greedy, left_pad
+from eet.runtime.generation import Limits, greedy, left_pad, prompt_width
 from fakes import FakeDevice
 
 LIMITS = Limits(max_batch=4, max_prompt=8, max_len=16, vocab_size=100)
@@ -14,6 +14,19 @@ def test_left_pad():
     ids, pads = left_pad([[5, 6, 7], [9], [1, 2]])
     assert ids.tolist() == [[5, 6, 7], [0, 0, 9], [0, 1, 2]] and pads.tolist() == [0, 2, 1]
     assert ids.dtype == np.int32 and pads.dtype == np.int32
+    ids, pads = left_pad([[5, 6, 7], [9]], width=5)
+    assert ids.tolist() == [[0, 0, 5, 6, 7], [0, 0, 0, 0, 9]] and pads.tolist() == [2, 4]
+    with pytest.raises(EetError, match="width of 2 is below the longest prompt"):
+        left_pad([[5, 6, 7]], width=2)
+
+
+def test_prompt_width_is_a_multiple_of_64_within_the_limits():
+    big = Limits(max_batch=32, max_prompt=512, max_len=1024, vocab_size=100)
+    assert [prompt_width(n, 128, big) for n in (1, 64, 65, 497, 512)] == [64, 64, 128, 512, 512]
+    assert prompt_width(497, 520, big) == 504  # 512 would leave no room for 520 new tokens in 1024
+    assert prompt_width(500, 524, big) == 500  # never below the longest prompt
+    assert prompt_width(3, 5, LIMITS) == 8  # --max-prompt 8
+    assert prompt_width(3, 10, LIMITS) == 6  # --max-len 16
 
 
 @pytest.mark.parametrize("prompts,new,message", [
@@ -190,3 +203,17 @@ def test_engine_pipeline_wiring_matches_the_plain_loop():
     assert piped == plain == [[7, 9, 2], [10, 12, 5], [14, 16, 9], [19, 21, 14], [25, 27, 20]]
     with pytest.raises(EetError, match="needs a previous step"):
         fake_gpt2_engine().submit(None, np.zeros(1, np.int32), 3)
+
+
+@pytest.mark.parametrize("buckets", [False, True])
+def test_engine_stream_pads_prompts_to_a_bucket(buckets):
+    """Gpt2Engine.stream() left-pads the prompt batch to prompt_width() with shape buckets (the context step's
+    shape and the first decode position follow it), to the longest prompt without."""
+    engine = fake_gpt2_engine()
+    engine.shape_buckets = buckets
+    out = [s.tokens.tolist() for s in engine.stream([[5, 6, 7], [9]], 3, eos_token_id=None)]
+    width = prompt_width(3, 3, engine.limits) if buckets else 3
+    assert width == (min(64, engine.limits.max_prompt) if buckets else 3)
+    assert [e[1:] for e in engine.log if e[0] == "step"] == [("context", 0), ("decode", width),
+                                                             ("decode", width + 1)]
+    assert engine.contexts[0].shapes["input_ids"] == (2, width) and len(out) == 3

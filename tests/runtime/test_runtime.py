@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from eet.errors import EetError
-from eet.runtime.bert import BertLimits, check_batch, pack, plan_calls
+from eet.runtime.bert import BertLimits, bucket_limits, check_batch, fill_to_bucket, pack, plan_calls, token_bucket
 from eet.runtime.engine import check_compatible, unsupported_gpu_message
 from fakes import FakeDevice
 
@@ -77,9 +77,10 @@ def test_staging_alternates_slots_and_retires_calls():
     assert c.done and s0.event.waits == 2 and s1.event.waits == 1  # only c was still in flight
 
 
-def fake_bert_engine(limits):
+def fake_bert_engine(limits, shape_buckets=False):
     """A BertEngine whose CUDA and TensorRT are NumPy fakes that run at once: hidden [T, 2] = (token id, position)
-    per token, first_token_states the first row of each sequence; ``log`` records engine runs and collects."""
+    per token, first_token_states the first row of each sequence; ``log`` records engine runs and collects,
+    ``shapes`` the input shapes of every run."""
     from eet.runtime.bert import BertEngine
     from eet.runtime.engine import Staging, TensorIO
 
@@ -98,6 +99,7 @@ def fake_bert_engine(limits):
             starts = buf["cu_seqlens"].view(np.int32)[:b]
             buf["first_token_states"].view(np.float32)[: 2 * b] = hidden[starts].reshape(-1)
             self.engine.log.append("run")
+            self.engine.shapes.append(self.shapes)
 
     class Fake(BertEngine):
         def __init__(self):  # no plan, no GPU
@@ -106,7 +108,7 @@ def fake_bert_engine(limits):
             self.buffers = {n: np.zeros(4 * 2 * (limits.max_tokens + limits.max_batch + 1), np.uint8)
                             for n in ("input_ids", "token_type_ids", "position_ids", "cu_seqlens", "max_seqlen",
                                       "hidden_states", "first_token_states")}
-            self.contexts, self.log = [Context(self)], []
+            self.contexts, self.log, self.shapes, self.shape_buckets = [Context(self)], [], [], shape_buckets
             self._staging = Staging(self.device, self._host_buffers)
 
         def collect_packed(self, call, copy=True):
@@ -116,15 +118,23 @@ def fake_bert_engine(limits):
     return Fake()
 
 
-def test_encode_pipelines_its_calls(rng):
+@pytest.mark.parametrize("buckets", [False, True])
+def test_encode_pipelines_its_calls(rng, buckets):
     """The real submit_packed / collect_packed under encode(), over fakes: call i + 1 runs before call i is
     collected, every sequence gets its own token ids and positions back, in input order, over several calls; a
-    call collected after two more were submitted fails."""
-    engine = fake_bert_engine(BertLimits(max_batch=2, max_tokens=10, max_seq=8, vocab_size=100))
-    seqs = [rng.integers(0, 100, n).tolist() for n in (3, 4, 2, 5, 1, 8)]
+    call collected after two more were submitted fails. With shape buckets every call has max_batch sequences,
+    max_seq as its max_seqlen carrier and a bucketed token count, and the fillers' outputs are dropped."""
+    limits = BertLimits(max_batch=3, max_tokens=14, max_seq=8, vocab_size=100)
+    engine = fake_bert_engine(limits, shape_buckets=buckets)
+    seqs = [rng.integers(0, 100, n).tolist() for n in (3, 4, 2, 5, 1, 8, 7)]
     out = engine.encode(seqs)
-    n = len(plan_calls([len(s) for s in seqs], engine.limits))
+    n = len(plan_calls([len(s) for s in seqs], bucket_limits(limits) if buckets else limits))
     assert out.calls == n >= 3
+    if buckets:
+        assert {s["input_ids"] for s in engine.shapes} <= {(8,), (14,)}  # multiples of max_seq, or max_tokens
+        assert {(s["cu_seqlens"], s["max_seqlen"]) for s in engine.shapes} == {((4,), (8,))}
+    else:
+        assert sum(s["input_ids"][0] for s in engine.shapes) == sum(map(len, seqs))
     assert engine.log == ["run"] + ["run", "collect"] * (n - 1) + ["collect"]
     for row, seq in enumerate(seqs):
         assert out.hidden_states[row].tolist() == [[t, i] for i, t in enumerate(seq)]
@@ -134,6 +144,41 @@ def test_encode_pipelines_its_calls(rng):
     engine.submit_packed(pack(seqs[2:3]))
     with pytest.raises(EetError, match="this call's results were overwritten"):
         engine.collect_packed(first)
+
+
+def test_token_buckets():
+    assert [token_bucket(n, 16384, 512) for n in (1, 64, 65, 1000, 1100, 9120, 16000)] == [
+        64, 64, 128, 1024, 1152, 9216, 16384]
+    buckets = [token_bucket(n, 16384, 512) for n in range(1, 16385)]
+    assert len(set(buckets)) == 56  # the shapes a BERT engine of --max-tokens 16384 meets, at most
+    assert all(n <= b <= max(n * 9 / 8, 64 * -(-n // 64)) for n, b in zip(range(1, 16385), buckets))
+    assert token_bucket(3000, 2048 + 1000, 100) == 3000 and token_bucket(2900, 5000, 100) == 2900
+    assert bucket_limits(BertLimits(1, 100, 40, 50)) is None  # no slot for a filler
+    assert bucket_limits(BertLimits(8, 45, 40, 50)) is None  # 7 tokens kept free leave less than --max-seq
+    assert bucket_limits(BertLimits(8, 47, 40, 50)) == BertLimits(7, 40, 40, 50)
+
+
+def test_fill_to_bucket_keeps_the_real_sequences_first(rng):
+    for _ in range(200):
+        limits = BertLimits(int(rng.integers(2, 12)), int(rng.integers(300, 3000)), int(rng.integers(1, 300)), 50)
+        small = bucket_limits(limits)
+        if small is None:
+            continue
+        lengths = rng.integers(1, limits.max_seq + 1, int(rng.integers(1, 40))).tolist()
+        start, end = plan_calls(lengths, small)[0]
+        seqs = [rng.integers(0, 50, n).tolist() for n in lengths[start:end]]
+        feeds, filled = pack(seqs), fill_to_bucket(pack(seqs), limits)
+        t, b = feeds["input_ids"].size, len(seqs)
+        assert filled["input_ids"].size == token_bucket(t + limits.max_batch - b, limits.max_tokens, limits.max_seq)
+        assert filled["cu_seqlens"].size == limits.max_batch + 1 and filled["max_seqlen"] == limits.max_seq
+        for name in ("input_ids", "token_type_ids", "position_ids"):
+            assert filled[name].dtype == np.int32 and (filled[name][:t] == feeds[name]).all()
+        assert (filled["cu_seqlens"][: b + 1] == feeds["cu_seqlens"]).all()
+        fill = np.diff(filled["cu_seqlens"][b:])
+        assert fill.min() >= 1 and fill.max() <= limits.max_seq and filled["cu_seqlens"][-1] == filled["input_ids"].size
+        assert (filled["position_ids"][t:] == np.concatenate([np.arange(n) for n in fill])).all()
+    with pytest.raises(EetError, match="does not fit a bucket"):
+        fill_to_bucket(pack([[1]] * 4), LIMITS)  # max_batch sequences leave no filler slot
 
 
 def counting_step(vocab=10):
@@ -258,3 +303,96 @@ def test_sampling_arguments_are_checked():
                        (dict(top_p=1.5), "top_p")):
         with pytest.raises(EetError, match=match):
             Sampling(**bad)
+
+
+class FakeRuntimeCache:
+    """TensorRT-RTX's IRuntimeCache: accepts blobs that start with b"kernels", serializes what it holds."""
+
+    def __init__(self):
+        self.blob, self.resets = b"", 0
+
+    def deserialize(self, blob):
+        if not blob.startswith(b"kernels"):
+            return False
+        self.blob = bytes(blob)
+        return True
+
+    def serialize(self):
+        return memoryview(self.blob)
+
+    def reset(self):
+        self.blob, self.resets = b"", self.resets + 1
+        return True
+
+
+class FakeRuntimeConfig:
+    made: list = []
+
+    def create_runtime_cache(self):
+        FakeRuntimeConfig.made.append(FakeRuntimeCache())
+        return FakeRuntimeConfig.made[-1]
+
+    def set_runtime_cache(self, cache):
+        self.cache = cache
+
+
+def attached(path, contexts=2):
+    """A RuntimeCache on ``path`` given to ``contexts`` fake runtime configs (as Engine does per profile)."""
+    from eet.runtime.engine import RuntimeCache
+
+    FakeRuntimeConfig.made = []
+    cache, configs = RuntimeCache(path), [FakeRuntimeConfig() for _ in range(contexts)]
+    for config in configs:
+        cache.attach(config)
+    return cache, configs
+
+
+def test_runtime_cache_is_shared_saved_and_read_back(tmp_path):
+    from eet.runtime.engine import default_runtime_cache_path
+
+    path = default_runtime_cache_path(tmp_path, "ab" * 32, (9, 0))
+    assert path == tmp_path / "runtime_cache" / ("ab" * 8 + "-sm90.bin")
+    cache, configs = attached(path)
+    assert len(FakeRuntimeConfig.made) == 1 and all(c.cache is cache.cache for c in configs)
+    assert not cache.save() and not path.exists()  # nothing compiled yet: no file
+    cache.cache.blob = b"kernels: 3 shapes"  # what TensorRT-RTX compiled while the contexts ran
+    assert cache.save() and path.read_bytes() == b"kernels: 3 shapes"
+    assert list(path.parent.iterdir()) == [path]  # the temporary file was renamed over it
+    assert not cache.save()  # unchanged: not written again
+
+    again, configs = attached(path)  # the next process
+    assert again.cache.blob == b"kernels: 3 shapes" and configs[1].cache is again.cache
+    assert not again.save()
+    again.cache.blob += b", 1 more"
+    assert again.save() and path.read_bytes() == b"kernels: 3 shapes, 1 more"
+
+
+def test_runtime_cache_replaces_a_file_tensorrt_rejects(tmp_path):
+    path = tmp_path / "cache.bin"
+    path.write_bytes(b"\x00damaged")
+    with pytest.warns(UserWarning, match=r"did not accept the runtime cache .*cache\.bin.*compile again"):
+        cache, _ = attached(path)
+    assert cache.cache.resets == 1 and cache.cache.blob == b""
+    cache.cache.blob = b"kernels: new"
+    assert cache.save() and path.read_bytes() == b"kernels: new"
+
+
+def test_runtime_cache_that_cannot_be_written_only_warns(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"")
+    cache, _ = attached(blocker / "cache.bin")  # its folder is a file: mkdir fails
+    cache.cache.blob = b"kernels"
+    with pytest.warns(UserWarning, match=r"could not save the runtime cache to .*a-file/cache\.bin.*runtime_cache="):
+        assert not cache.save()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_runtime_cache_in_memory_or_absent(tmp_path):
+    from eet.runtime.engine import RuntimeCache
+
+    cache, configs = attached(None)  # runtime_cache=None: shared, never written
+    cache.cache.blob = b"kernels"
+    assert configs[0].cache is cache.cache and not cache.save()
+    full_tensorrt = RuntimeCache(tmp_path / "cache.bin")
+    full_tensorrt.attach(object())  # a runtime config without runtime caches (full TensorRT): left alone
+    assert full_tensorrt.cache is None and not full_tensorrt.save() and not list(tmp_path.iterdir())

@@ -106,10 +106,11 @@ def test_generate_matches_huggingface(built, dtype, graphs, deserialize_hook, rn
     print(f"generate {dtype}, graphs {graphs}: prompts {lengths}, {new} new tokens; agreement with Hugging Face "
           f"alone {agree:.1%}; first divergences (row, step, HF top-2 margin): "
           f"{[(r, s, round(margins[r][s], 5)) for r, s in diverged]}")
-    limit = 1e-2 if dtype == "fp32" else 5e-2
+    # A row may leave Hugging Face's tokens only where Hugging Face's own top two logits nearly tie (relative to
+    # the largest logit): in fp16, and in fp32 too, since TensorRT-RTX runs fp32 GEMMs in TF32 (README). After
+    # such a flip a row continues differently, so the agreement rate is reported, not bounded.
+    limit = 5e-3 if dtype == "fp32" else 5e-2
     assert all(margins[r][s] < limit for r, s in diverged), diverged
-    if dtype == "fp32":
-        assert agree >= 0.9
 
 
 @pytest.mark.parametrize("graphs", ["off", "stream", "engine"])
@@ -211,3 +212,37 @@ def test_load_errors(built, tmp_path, deserialize_hook):
             engine.generate(["hello"], 2)
     with pytest.raises(EetError, match="closed"):
         engine.generate([[1]], 2)
+
+
+def test_runtime_cache_round_trip(built, tmp_path, deserialize_hook, rng):
+    """The kernels TensorRT-RTX compiles in one load() are written to DIR/runtime_cache/ at close and read by
+    the next load() (no warning), with the same tokens; the first generate() of each load is timed (printed)."""
+    import shutil
+    import time
+    import warnings
+
+    import eet.runtime
+
+    out = tmp_path / "engine"
+    shutil.copytree(built("gpt2", "fp16", "--max-batch", "8", "--max-prompt", "64", "--max-len", "128"), out)
+    shutil.rmtree(out / "runtime_cache", ignore_errors=True)
+    prompts = [rng.integers(0, GPT2["vocab_size"], int(n)).tolist() for n in rng.integers(1, 65, size=5)]
+    runs = []
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as caught:  # a rejected or unwritable cache warns
+            warnings.simplefilter("always")
+            t0 = time.perf_counter()
+            with eet.runtime.load(out, deserialize_hook=deserialize_hook) as engine:
+                t1 = time.perf_counter()
+                tokens = engine.generate(prompts, 8, eos_token_id=None).tokens
+                t2 = time.perf_counter()
+                loaded = len(engine.runtime_cache._loaded)
+        assert not [w for w in caught if "runtime cache" in str(w.message)]
+        files = list((out / "runtime_cache").iterdir())
+        runs.append((tokens, loaded, t1 - t0, t2 - t1))
+        assert len(files) == 1 and files[0].stat().st_size > 0 and files[0].name.startswith(
+            json.loads((out / "engine.json").read_text())["plan_sha256"][:16])
+    (cold, cold_loaded, *cold_t), (warm, warm_loaded, *warm_t) = runs
+    print(f"runtime cache: load {cold_t[0]:.2f} s, first generate {cold_t[1]:.2f} s with none; load "
+          f"{warm_t[0]:.2f} s, first generate {warm_t[1]:.2f} s with the file of the first load ({warm_loaded} B)")
+    assert cold_loaded == 0 and warm_loaded > 0 and warm == cold
