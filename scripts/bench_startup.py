@@ -1,0 +1,77 @@
+"""Start-up and fresh-request timings of a built engine, one process per run (what the README's runtime-cache and
+shape-bucket tables report):
+
+    python scripts/bench_startup.py DIR startup [--runtime-cache auto|none]
+        load() time, the first call and a second identical call; GPT-2: generate() of 32 prompts U[16, 512) +
+        16 tokens, BERT: encode() of 32 sequences U[32, 512] (seed 0)
+    python scripts/bench_startup.py DIR stream [--buckets on|off] [--runtime-cache auto|none] [--seed N]
+        a stream of fresh requests: BERT 30 encode() calls of 31 sequences U[32, 512], GPT-2 10 generate() of
+        32 prompts U[16, 512) + 16 tokens; per-call milliseconds and the total
+
+On GPUs TensorRT-RTX does not list (H100/H200), set EET_CC_SHIM to the test shim's folder: plans are then
+deserialized through it (benchmarks only; the product never loads it). Host wall-clock times (time.perf_counter).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("directory")
+    p.add_argument("mode", choices=("startup", "stream"))
+    p.add_argument("--buckets", choices=("on", "off"), default="on")
+    p.add_argument("--runtime-cache", choices=("auto", "none"), default="auto")
+    p.add_argument("--seed", type=int, default=None, help="default: 0 for startup, 1 for stream")
+    args = p.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the source checkout
+    hook = None
+    if os.environ.get("EET_CC_SHIM"):
+        sys.path.insert(0, os.environ["EET_CC_SHIM"])
+        import cc_shim
+
+        cc_shim.load()  # before anything initializes CUDA
+        hook = cc_shim.faked_capability
+    import numpy as np
+
+    import eet.runtime
+
+    rng = np.random.default_rng(args.seed if args.seed is not None else (0 if args.mode == "startup" else 1))
+    cache = None if args.runtime_cache == "none" else "auto"
+    t0 = time.perf_counter()
+    with eet.runtime.load(args.directory, deserialize_hook=hook, runtime_cache=cache,
+                          shape_buckets=args.buckets == "on") as engine:
+        loaded = time.perf_counter() - t0
+        gpt2 = engine.family == "gpt2"
+        vocab = engine.limits.vocab_size
+
+        def request(batch):
+            if gpt2:
+                prompts = [rng.integers(0, vocab, n).tolist() for n in rng.integers(16, 512, batch)]
+                return lambda: engine.generate(prompts, 16, eos_token_id=None)
+            seqs = [rng.integers(0, vocab, n).tolist() for n in rng.integers(32, 513, batch)]
+            return lambda: engine.encode(seqs)
+
+        def timed(call):
+            t = time.perf_counter()
+            call()
+            return (time.perf_counter() - t) * 1e3
+
+        if args.mode == "startup":
+            call = request(32)
+            first, second = timed(call), timed(call)
+            read = len(engine.runtime_cache._loaded)
+            print(f"{engine.family} runtime cache {args.runtime_cache} (read {read} B): load {loaded:.2f} s, first "
+                  f"call {first / 1e3:.2f} s, second {second:.1f} ms")
+        else:
+            ms = [timed(request(32 if gpt2 else 31)) for _ in range(10 if gpt2 else 30)]
+            print(f"{engine.family} buckets {args.buckets}, runtime cache {args.runtime_cache}: load {loaded:.2f} s, "
+                  f"calls {sum(ms) / 1e3:.2f} s in all, median {statistics.median(ms):.1f} ms; "
+                  f"{[round(x) for x in ms]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
