@@ -209,7 +209,7 @@ class Gpt2Engine(Engine):
         prompts, sampling, eos = self._prepare(prompts, temperature, top_k, top_p, seed, eos_token_id)
         self.want_logits = return_logits
         try:
-            self.limits.check(prompts, max_new_tokens)
+            # iterate() checks the prompts against the limits before it pads them to this width
             width = (prompt_width(max(map(len, prompts)), max_new_tokens, self.limits) if self.shape_buckets
                      else None)
             yield from iterate(self, prompts, max_new_tokens, self.limits, eos, sampling, width)
