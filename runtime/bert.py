@@ -164,11 +164,6 @@ class BertEngine(Engine):
         d.cuda.memset_d8_async(self.buffers["max_seqlen"], 0, self.io["max_seqlen"].nbytes, ctx.stream)
         ctx.stream.synchronize()
 
-    @property
-    def call_limits(self) -> BertLimits:
-        """Per-call limits of real sequences: :attr:`limits`, less the filler's share with shape buckets."""
-        return (bucket_limits(self.limits) if self.shape_buckets else None) or self.limits
-
     def _host_buffers(self) -> dict:
         """One set of pinned staging buffers for a call (packed inputs, both outputs)."""
         d, lim = self.device, self.limits
@@ -249,9 +244,9 @@ class BertEngine(Engine):
             raise EetError("give sequences either all as texts or all as token-id lists, not mixed")
         check_batch(batch, self.limits, token_type_ids)
         lengths = np.array([len(s) for s in batch])
-        call_limits = self.call_limits
-        calls = plan_calls(lengths.tolist(), call_limits)
-        buckets = call_limits is not self.limits
+        # with shape buckets, each call leaves room for its filler (None: the engine is too small for one)
+        bucketed = bucket_limits(self.limits) if self.shape_buckets else None
+        calls = plan_calls(lengths.tolist(), bucketed or self.limits)
         # one [T, H] array in the engine's dtype (no float32 conversion on the host: numpy's fp16 casts are slow),
         # split into per-sequence views
         hidden = np.empty((int(lengths.sum()), self.hidden_size), self.io["hidden_states"].dtype)
@@ -265,7 +260,7 @@ class BertEngine(Engine):
             if span is not None:
                 start, end = span
                 feeds = pack(batch[start:end], None if token_type_ids is None else token_type_ids[start:end])
-                submitted = (self.submit_packed(fill_to_bucket(feeds, self.limits) if buckets else feeds), start, end)
+                submitted = (self.submit_packed(fill_to_bucket(feeds, self.limits) if bucketed else feeds), start, end)
             if pending is not None:
                 call, s0, s1 = pending
                 h, f = self.collect_packed(call, copy=False)  # with buckets, the fillers' rows come last

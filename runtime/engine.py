@@ -266,7 +266,7 @@ class RuntimeCache:
     def __init__(self, path: Path | None):
         self.path = path
         self.cache = None
-        self._loaded = b""
+        self.on_disk = b""  # the file's bytes as last read or written here (b"": none)
 
     def attach(self, config) -> None:
         """Give runtime config ``config`` the shared cache (made from the first config, then loaded from
@@ -292,7 +292,7 @@ class RuntimeCache:
                           "again")
             return
         if blob and self.cache.deserialize(blob):
-            self._loaded = blob
+            self.on_disk = blob
         else:
             self.cache.reset()
             warnings.warn(f"TensorRT-RTX did not accept the runtime cache {self.path} (another GPU or version, or a "
@@ -305,7 +305,7 @@ class RuntimeCache:
             return False
         memory = self.cache.serialize()
         blob = bytes(memory) if memory is not None else b""
-        if not blob or blob == self._loaded:
+        if not blob or blob == self.on_disk:
             return False
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
@@ -318,7 +318,7 @@ class RuntimeCache:
             warnings.warn(f"could not save the runtime cache to {self.path} ({exc.strerror or exc}): the next load "
                           "compiles its kernels again; pass runtime_cache=PATH (a writable file) or None")
             return False
-        self._loaded = blob
+        self.on_disk = blob
         return True
 
 

@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     import eet.runtime
+    from eet.commands.bench import ragged_lengths
 
     rng = np.random.default_rng(args.seed if args.seed is not None else (0 if args.mode == "startup" else 1))
     cache = None if args.runtime_cache == "none" else "auto"
@@ -49,9 +50,9 @@ def main(argv=None) -> int:
 
         def request(batch):
             if gpt2:
-                prompts = [rng.integers(0, vocab, n).tolist() for n in rng.integers(16, 512, batch)]
+                prompts = [rng.integers(0, vocab, n).tolist() for n in ragged_lengths(rng, batch, 16, 511)]
                 return lambda: engine.generate(prompts, 16, eos_token_id=None)
-            seqs = [rng.integers(0, vocab, n).tolist() for n in rng.integers(32, 513, batch)]
+            seqs = [rng.integers(0, vocab, n).tolist() for n in ragged_lengths(rng, batch, 32, 512)]
             return lambda: engine.encode(seqs)
 
         def timed(call):
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
         if args.mode == "startup":
             call = request(32)
             first, second = timed(call), timed(call)
-            read = len(engine.runtime_cache._loaded)
+            read = len(engine.runtime_cache.on_disk)
             print(f"{engine.family} runtime cache {args.runtime_cache} (read {read} B): load {loaded:.2f} s, first "
                   f"call {first / 1e3:.2f} s, second {second:.1f} ms")
         else:

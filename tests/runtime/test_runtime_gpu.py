@@ -237,7 +237,7 @@ def test_runtime_cache_round_trip(built, tmp_path, deserialize_hook, rng):
                 t1 = time.perf_counter()
                 tokens = engine.generate(prompts, 8, eos_token_id=None).tokens
                 t2 = time.perf_counter()
-                loaded = len(engine.runtime_cache._loaded)
+                loaded = len(engine.runtime_cache.on_disk)
         assert not [w for w in caught if "runtime cache" in str(w.message)]
         files = list((out / "runtime_cache").iterdir())
         runs.append((tokens, loaded, t1 - t0, t2 - t1))
