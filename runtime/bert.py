@@ -8,8 +8,11 @@ Shape buckets: TensorRT-RTX prepares every input shape it has not met before, wh
 shape on an H100 (BERT-base: an ``encode()`` of 31 fresh sequences took 87-1725 ms, against 11 ms for shapes it
 had met). Packed calls would meet a new token count almost every time, so by default each call is rounded up to
 a few shapes: the token count to :func:`token_bucket` (56 buckets up to 16,384 tokens) and the sequence count to
---max-batch, by filler sequences after the real ones whose outputs are dropped; the ``max_seqlen`` carrier is
-always --max-seq long. Once a bucket has been met, calls in it run at full speed.
+what the engine's profile takes, by filler sequences after the real ones whose outputs are dropped; the
+``max_seqlen`` carrier is always --max-seq long. Once a bucket has been met, calls in it run at full speed.
+``eet build bert`` gives the profile room for the filler (one sequence beyond --max-batch, and --max-batch tokens
+beyond --max-tokens rounded up to a multiple of 64), so a bucketed call still carries --max-batch real sequences; on a plan whose profile is exactly
+--max-batch / --max-tokens (built before that room existed) a bucketed call carries one sequence fewer.
 """
 from __future__ import annotations
 
@@ -80,9 +83,9 @@ def token_bucket(tokens: int, max_tokens: int, max_seq: int) -> int:
 
 
 def bucket_limits(limits: BertLimits) -> BertLimits | None:
-    """The per-call limits of real sequences when calls are filled to buckets (one sequence slot and
-    --max-batch - 1 tokens stay free for the filler), or None when the engine is too small for that (then
-    calls keep their exact shapes)."""
+    """The per-call limits of real sequences when calls of an engine that takes ``limits`` per call (its profile's
+    maxima) are filled to buckets: one sequence slot and ``max_batch - 1`` tokens stay free for the fillers. None
+    when the engine is too small for that (then calls keep their exact shapes)."""
     if limits.max_batch < 2 or limits.max_tokens - (limits.max_batch - 1) < limits.max_seq:
         return None
     return BertLimits(limits.max_batch - 1, limits.max_tokens - (limits.max_batch - 1), limits.max_seq,
@@ -91,9 +94,10 @@ def bucket_limits(limits: BertLimits) -> BertLimits | None:
 
 def fill_to_bucket(feeds: dict, limits: BertLimits) -> dict:
     """``feeds`` (from :func:`pack`, at most :func:`bucket_limits` sequences and tokens) extended to a bucket
-    shape: filler sequences (token id 0, type 0, each 1..max_seq tokens) after the real ones, so that there are
-    ``max_batch`` sequences and :func:`token_bucket` tokens in all, and ``max_seqlen`` = ``max_seq``. The first
-    T tokens and B sequences of the call's outputs are the real ones."""
+    shape of an engine that takes ``limits`` per call: filler sequences (token id 0, type 0, each 1..max_seq
+    tokens) after the real ones, so that there are ``max_batch`` sequences and :func:`token_bucket` tokens in
+    all, and ``max_seqlen`` = ``max_seq``. The first T tokens and B sequences of the call's outputs are the real
+    ones."""
     t, b = feeds["input_ids"].size, feeds["cu_seqlens"].size - 1
     fillers = limits.max_batch - b
     total = token_bucket(t + fillers, limits.max_tokens, limits.max_seq)
@@ -147,8 +151,22 @@ class Encoding:
         return np.stack([h.mean(axis=0, dtype=np.float32) for h in self.hidden_states])
 
 
+def profile_limits(info: dict) -> BertLimits:
+    """What one call of the engine described by the sidecar ``info`` takes: its profile's largest ``cu_seqlens``
+    and ``input_ids`` (the build's --max-batch / --max-tokens plus the room left for bucket fillers)."""
+    build, cfg = info["build"], info["model"]["config"]
+    shapes = info["profiles"][0]["shapes"]
+    return BertLimits(shapes["cu_seqlens"]["max"][0] - 1, shapes["input_ids"]["max"][0], build["max_seq"],
+                      cfg["vocab_size"], cfg.get("type_vocab_size", 2))
+
+
 class BertEngine(Engine):
-    """A packed BERT engine built by ``eet build bert``; make one with :func:`eet.runtime.load`."""
+    """A packed BERT engine built by ``eet build bert``; make one with :func:`eet.runtime.load`.
+
+    Attributes:
+        limits: what :meth:`encode` puts in one call (the build's --max-batch, --max-tokens, --max-seq).
+        call_limits: what one engine call takes (:func:`profile_limits`; :meth:`run_packed` feeds up to this).
+    """
 
     family = "bert"
 
@@ -157,6 +175,7 @@ class BertEngine(Engine):
         build, cfg = self.info["build"], self.info["model"]["config"]
         self.limits = BertLimits(build["max_batch"], build["max_tokens"], build["max_seq"], cfg["vocab_size"],
                                  cfg.get("type_vocab_size", 2))
+        self.call_limits = profile_limits(self.info)
         self.hidden_size = int(self.info["model"]["hidden_size"])
         d = self.device
         self._staging = Staging(d, self._host_buffers)  # encode() packs and submits call i + 1 while call i runs
@@ -166,7 +185,7 @@ class BertEngine(Engine):
 
     def _host_buffers(self) -> dict:
         """One set of pinned staging buffers for a call (packed inputs, both outputs)."""
-        d, lim = self.device, self.limits
+        d, lim = self.device, self.call_limits
         bufs = {name: d.pinned(lim.max_tokens, np.int32) for name in ("input_ids", "token_type_ids", "position_ids")}
         bufs["cu_seqlens"] = d.pinned(lim.max_batch + 1, np.int32)
         bufs["hidden_states"] = d.pinned(lim.max_tokens * self.hidden_size, self.io["hidden_states"].dtype)
@@ -244,8 +263,8 @@ class BertEngine(Engine):
             raise EetError("give sequences either all as texts or all as token-id lists, not mixed")
         check_batch(batch, self.limits, token_type_ids)
         lengths = np.array([len(s) for s in batch])
-        # with shape buckets, each call leaves room for its filler (None: the engine is too small for one)
-        bucketed = bucket_limits(self.limits) if self.shape_buckets else None
+        # with shape buckets, each call leaves room for its fillers (None: the engine is too small for one)
+        bucketed = bucket_limits(self.call_limits) if self.shape_buckets else None
         calls = plan_calls(lengths.tolist(), bucketed or self.limits)
         # one [T, H] array in the engine's dtype (no float32 conversion on the host: numpy's fp16 casts are slow),
         # split into per-sequence views
@@ -260,7 +279,7 @@ class BertEngine(Engine):
             if span is not None:
                 start, end = span
                 feeds = pack(batch[start:end], None if token_type_ids is None else token_type_ids[start:end])
-                submitted = (self.submit_packed(fill_to_bucket(feeds, self.limits) if bucketed else feeds), start, end)
+                submitted = (self.submit_packed(fill_to_bucket(feeds, self.call_limits) if bucketed else feeds), start, end)
             if pending is not None:
                 call, s0, s1 = pending
                 h, f = self.collect_packed(call, copy=False)  # with buckets, the fillers' rows come last

@@ -101,6 +101,15 @@ def prompt_width(longest: int, max_new_tokens: int, limits: Limits, multiple: in
     return max(longest, min(width, limits.max_prompt, limits.max_len - max_new_tokens))
 
 
+def batch_bucket(rows: int, limits: Limits) -> int:
+    """The batch size a generation of ``rows`` prompts runs at with shape buckets: the next power of two, at most
+    --max-batch (e.g. 1, 2, 4, 8, 16, 32 for --max-batch 32). A new batch size costs TensorRT-RTX about 4 s the
+    first time (GPT-2 small, H100: the decode step's kernels for the new shapes); filler rows cost the decode steps
+    next to nothing (their attention reads two keys; the linear layers read the same weights for 17 rows as for
+    32) and the context phase their share of its tokens."""
+    return min(1 << max(rows - 1, 0).bit_length(), limits.max_batch)
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, width: int | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids int32 [B, S], pad_lengths int32 [B]): each prompt right-aligned in a row of S tokens; S is the
@@ -186,7 +195,7 @@ class Deferred:
 
 def iterate(step_fn: StepFn | Pipelined, prompts: Sequence[Sequence[int]], max_new_tokens: int,
             limits: Limits | None = None, eos_token_id: int | None = None, sampling: Sampling = GREEDY,
-            width: int | None = None):
+            width: int | None = None, rows: int | None = None):
     """Yield a :class:`StepTokens` per step, as soon as the step's tokens are known (streaming).
 
     The batch runs left-padded at one step for all rows. A row that produces ``eos_token_id`` is finished: its
@@ -195,29 +204,39 @@ def iterate(step_fn: StepFn | Pipelined, prompts: Sequence[Sequence[int]], max_n
     With a :class:`Pipelined` step function, the next step is already submitted when a step's tokens are
     yielded (it is drained, unused, when the loop stops early); the sampling draws are the same either way.
     ``width``: left-pad the prompts to this many tokens (default: the longest prompt's length).
+    ``rows``: run the batch as this many rows (default: one per prompt): filler rows after the prompts' rows,
+    each a one-token prompt (token 0), whose tokens are computed and dropped (they never stop the loop); the
+    prompts' sampling draws are the same as without them.
     """
     if limits is not None:
         limits.check(prompts, max_new_tokens)
     elif not prompts:
         raise EetError("no prompts: give at least one")
     runner = step_fn if isinstance(step_fn, Pipelined) else Deferred(step_fn)
-    ids, pads = left_pad(prompts, width=width)
+    n = len(prompts)
+    fillers = max(0, (rows or n) - n)
+    ids, pads = left_pad([*prompts, *[[0]] * fillers], width=width)
     rng = np.random.default_rng(sampling.seed)
-    finished = np.zeros(len(prompts), dtype=bool)
+
+    def draws() -> dict[str, np.ndarray]:  # the prompts' rows draw as without fillers; fillers repeat the last
+        return {k: np.pad(v, (0, fillers), mode="edge") for k, v in sampling.feeds(rng, n).items()}
+
+    finished = np.zeros(n, dtype=bool)
     try:
-        pending = runner.submit(ids, pads, 0, sampling.feeds(rng, len(prompts)))
+        pending = runner.submit(ids, pads, 0, draws())
         position = ids.shape[1]
         for index in range(max_new_tokens):
             ahead = None
             if index + 1 < max_new_tokens:  # out before this step's tokens are read: it feeds them back itself
-                ahead = runner.submit(None, pads, position, sampling.feeds(rng, len(prompts)))
+                ahead = runner.submit(None, pads, position, draws())
                 position += 1
             token, logits = runner.collect(pending)
-            token = np.asarray(token).reshape(-1).astype(np.int32)
+            token = np.asarray(token).reshape(-1).astype(np.int32)[:n]
+            logits = None if logits is None else np.asarray(logits)[:n]
             shown = np.where(finished, -1, token).astype(np.int32)
             if eos_token_id is not None:
                 finished = finished | (token == eos_token_id)
-            yield StepTokens(index, shown, finished.copy(), None if logits is None else np.asarray(logits))
+            yield StepTokens(index, shown, finished.copy(), logits)
             if finished.all():
                 return
             pending = ahead

@@ -1,6 +1,8 @@
 """GPT-2 engines: :meth:`Gpt2Engine.generate` and :meth:`Gpt2Engine.stream` with pre-padding.
 
-The prompts of a batch are left-padded to the longest one; the ``context`` profile runs them all at step 0
+The prompts of a batch are left-padded to the longest one (with shape buckets, the default: to a multiple of
+64 tokens, :func:`~eet.runtime.generation.prompt_width`, and to a power-of-two number of rows by one-token filler
+prompts, :func:`~eet.runtime.generation.batch_bucket`); the ``context`` profile runs them all at step 0
 and fills the KV cache (owned by the runtime, updated in place by the plugin), then the ``decode`` profile
 runs one token per row per step. The decode step is captured in a CUDA graph once per batch size and
 replayed (see :data:`eet.runtime.engine.GRAPH_MODES`); ``step`` and the token ids live in device buffers
@@ -15,7 +17,7 @@ import numpy as np
 
 from eet.errors import EetError
 from eet.runtime.engine import Engine, InFlight, Staging
-from eet.runtime.generation import Limits, Sampling, StepTokens, iterate, prompt_width
+from eet.runtime.generation import Limits, Sampling, StepTokens, batch_bucket, iterate, prompt_width
 
 MODEL_EOS = "model"
 """Default ``eos_token_id``: the model's own (from the sidecar); pass None to never stop early."""
@@ -210,9 +212,11 @@ class Gpt2Engine(Engine):
         self.want_logits = return_logits
         try:
             # iterate() checks the prompts against the limits before it pads them to this width
-            width = (prompt_width(max(map(len, prompts)), max_new_tokens, self.limits) if self.shape_buckets
-                     else None)
-            yield from iterate(self, prompts, max_new_tokens, self.limits, eos, sampling, width)
+            width = rows = None
+            if self.shape_buckets:
+                width = prompt_width(max(map(len, prompts)), max_new_tokens, self.limits)
+                rows = batch_bucket(len(prompts), self.limits)
+            yield from iterate(self, prompts, max_new_tokens, self.limits, eos, sampling, width, rows)
         finally:
             self.want_logits = False
 

@@ -5,8 +5,10 @@ shape-bucket tables report):
         load() time, the first call and a second identical call; GPT-2: generate() of 32 prompts U[16, 512) +
         16 tokens, BERT: encode() of 32 sequences U[32, 512] (seed 0)
     python scripts/bench_startup.py DIR stream [--buckets on|off] [--runtime-cache auto|none] [--seed N]
+                                               [--batch fixed|random]
         a stream of fresh requests: BERT 30 encode() calls of 31 sequences U[32, 512], GPT-2 10 generate() of
-        32 prompts U[16, 512) + 16 tokens; per-call milliseconds and the total
+        32 prompts U[16, 512) + 16 tokens; per-call milliseconds and the total. ``--batch random``: each request
+        has U[1, --max-batch] sequences or prompts instead (BERT 30 calls, GPT-2 20)
 
 On GPUs TensorRT-RTX does not list (H100/H200), set EET_CC_SHIM to the test shim's folder: plans are then
 deserialized through it (benchmarks only; the product never loads it). Host wall-clock times (time.perf_counter).
@@ -25,6 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("--buckets", choices=("on", "off"), default="on")
     p.add_argument("--runtime-cache", choices=("auto", "none"), default="auto")
     p.add_argument("--seed", type=int, default=None, help="default: 0 for startup, 1 for stream")
+    p.add_argument("--batch", choices=("fixed", "random"), default="fixed", help="stream: request sizes")
     args = p.parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the source checkout
     hook = None
@@ -67,10 +70,14 @@ def main(argv=None) -> int:
             print(f"{engine.family} runtime cache {args.runtime_cache} (read {read} B): load {loaded:.2f} s, first "
                   f"call {first / 1e3:.2f} s, second {second:.1f} ms")
         else:
-            ms = [timed(request(32 if gpt2 else 31)) for _ in range(10 if gpt2 else 30)]
-            print(f"{engine.family} buckets {args.buckets}, runtime cache {args.runtime_cache}: load {loaded:.2f} s, "
-                  f"calls {sum(ms) / 1e3:.2f} s in all, median {statistics.median(ms):.1f} ms; "
-                  f"{[round(x) for x in ms]}")
+            if args.batch == "random":
+                sizes = rng.integers(1, engine.limits.max_batch + 1, 20 if gpt2 else 30).tolist()
+            else:
+                sizes = [32 if gpt2 else 31] * (10 if gpt2 else 30)
+            ms = [timed(request(b)) for b in sizes]
+            print(f"{engine.family} buckets {args.buckets}, runtime cache {args.runtime_cache}, batch {args.batch}: "
+                  f"load {loaded:.2f} s, calls {sum(ms) / 1e3:.2f} s in all, median {statistics.median(ms):.1f} ms; "
+                  f"{list(zip(sizes, [round(x) for x in ms]))}")
     return 0
 
 

@@ -63,15 +63,18 @@ class BertBuildOptions:
 
 
 def bert_profiles(o: BertBuildOptions):
-    """The one optimization profile of a packed BERT engine."""
+    """The one optimization profile of a packed BERT engine: --max-batch sequences and --max-tokens tokens plus
+    room for the runtime's bucket fillers (one sequence, and --max-batch tokens rounded up so that the largest
+    token count is a multiple of 64; see :mod:`eet.runtime.bert`), so that ``encode()`` puts --max-batch real
+    sequences in a bucketed call."""
     from eet.exporter.rewrite import CU_SEQLENS, MAX_SEQLEN, PACKED_INPUTS
     from eet.runtime.build import Profile
 
     opt_seq = min(o.max_seq, 128)
     opt_batch = max(1, min(o.max_batch, o.opt // opt_seq))
-    tokens = ((1,), (o.opt,), (o.max_tokens,))
+    tokens = ((1,), (o.opt,), (-(-(o.max_tokens + o.max_batch) // 64) * 64,))
     shapes = {name: tokens for name in PACKED_INPUTS}
-    shapes[CU_SEQLENS] = ((2,), (opt_batch + 1,), (o.max_batch + 1,))
+    shapes[CU_SEQLENS] = ((2,), (opt_batch + 1,), (o.max_batch + 2,))
     shapes[MAX_SEQLEN] = ((1,), (opt_seq,), (o.max_seq,))
     return [Profile("packed", shapes)]
 

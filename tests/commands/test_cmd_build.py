@@ -7,6 +7,7 @@ import pytest
 from eet.cli import main
 from eet.commands.build import BertBuildOptions
 from eet.errors import EetError
+from eet.runtime.bert import BertLimits, bucket_limits, profile_limits
 
 SMALL = ["--max-batch", "8", "--max-tokens", "1024", "--max-seq", "128"]
 
@@ -26,8 +27,10 @@ def test_build_writes_everything(tiny_build):
     assert info["plugins"] == [{"name": "EetVarlenAttention", "version": "1", "namespace": "eet", "layers": 2}]
     assert info["tensorrt"]["flavour"] in ("tensorrt", "tensorrt_rtx") and info["tensorrt"]["version"]
     shapes = info["profiles"][0]["shapes"]
-    assert shapes["input_ids"] == {"min": [1], "opt": [1024], "max": [1024]}
-    assert shapes["cu_seqlens"]["max"] == [9] and shapes["max_seqlen"]["max"] == [128]
+    # room for the runtime's bucket fillers: one sequence, and --max-batch tokens rounded up to a multiple of 64
+    assert shapes["input_ids"] == {"min": [1], "opt": [1024], "max": [1088]}
+    assert shapes["cu_seqlens"]["max"] == [8 + 2] and shapes["max_seqlen"]["max"] == [128]
+    assert bucket_limits(profile_limits(info)) == BertLimits(8, 1080, 128, info["model"]["config"]["vocab_size"])
     assert [i["name"] for i in info["io"]["inputs"]] == ["input_ids", "token_type_ids", "position_ids",
                                                          "cu_seqlens", "max_seqlen"]
     rewritten = onnx.load(str(tiny_build / "model.onnx"), load_external_data=False)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from eet.errors import EetError
-from eet.runtime.generation import Limits, greedy, left_pad, prompt_width
+from eet.runtime.generation import Limits, batch_bucket, greedy, left_pad, prompt_width
 from fakes import FakeDevice
 
 LIMITS = Limits(max_batch=4, max_prompt=8, max_len=16, vocab_size=100)
@@ -27,6 +27,47 @@ def test_prompt_width_is_a_multiple_of_64_within_the_limits():
     assert prompt_width(500, 524, big) == 500  # never below the longest prompt
     assert prompt_width(3, 5, LIMITS) == 8  # --max-prompt 8
     assert prompt_width(3, 10, LIMITS) == 6  # --max-len 16
+
+
+def test_batch_bucket_is_the_next_power_of_two_within_max_batch():
+    big = Limits(max_batch=32, max_prompt=512, max_len=1024, vocab_size=100)
+    assert sorted({batch_bucket(n, big) for n in range(1, 33)}) == [1, 2, 4, 8, 16, 32]
+    assert [batch_bucket(n, big) for n in (1, 2, 3, 5, 16, 17, 32)] == [1, 2, 4, 8, 16, 32, 32]
+    odd = Limits(max_batch=24, max_prompt=8, max_len=16, vocab_size=100)
+    assert [batch_bucket(n, odd) for n in (9, 16, 17, 24)] == [16, 16, 24, 24]
+    assert all(n <= batch_bucket(n, big) < 2 * n for n in range(1, 33))
+
+
+def test_filler_rows_change_nothing_for_the_prompts():
+    """iterate(rows=R) runs R rows: the prompts' rows first, left-padded as before, then one-token filler rows
+    (token 0, pad width - 1). The prompts' tokens, logits and sampling draws are those of the run without
+    fillers; a filler that produces EOS does not count, and the loop still stops when every prompt is done."""
+    from eet.runtime.generation import Sampling, iterate
+
+    seen = []
+
+    def step(ids, pads, position, extra):  # row r emits (last input + 1 + r) % 100; logits mark the row
+        seen.append((ids.copy(), pads.copy(), position, extra["uniform"].copy()))
+        rows = np.arange(ids.shape[0])
+        return ((ids[:, -1] + 1 + rows) % 100).astype(np.int32), np.repeat(rows[:, None], 100, 1).astype(np.float32)
+
+    sampling = Sampling(temperature=1.0, seed=3)
+    prompts = [[5, 6, 7], [9]]
+    plain = list(iterate(step, prompts, 4, LIMITS, sampling=sampling, width=4))
+    plain_seen, seen[:] = list(seen), []
+    filled = list(iterate(step, prompts, 4, LIMITS, sampling=sampling, width=4, rows=4))
+    assert [s.tokens.tolist() for s in filled] == [s.tokens.tolist() for s in plain]
+    assert all(s.logits.shape == (2, 100) and s.finished.shape == (2,) for s in filled)
+    assert seen[0][0].tolist() == [[0, 5, 6, 7], [0, 0, 0, 9], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert seen[0][1].tolist() == [1, 3, 3, 3] and [x[0].shape for x in seen[1:]] == [(4, 1)] * 3
+    for (_, _, pos, u), (_, _, plain_pos, plain_u) in zip(seen, plain_seen):
+        assert pos == plain_pos and u.shape == (4,)
+        np.testing.assert_array_equal(u[:2], plain_u)
+    # EOS 4: prompt row 1 emits it at once, row 0 at the third step; filler row 3 emits it at once and row 2
+    # never: the loop stops after the third step all the same
+    stops = list(iterate(step, [[1], [2]], 8, LIMITS, eos_token_id=4, width=1, rows=4))
+    assert [s.tokens.tolist() for s in stops] == [[2, 4], [3, -1], [4, -1]]
+    assert stops[-1].finished.tolist() == [True, True]
 
 
 @pytest.mark.parametrize("prompts,new,message", [
@@ -217,3 +258,16 @@ def test_engine_stream_pads_prompts_to_a_bucket(buckets):
     assert [e[1:] for e in engine.log if e[0] == "step"] == [("context", 0), ("decode", width),
                                                              ("decode", width + 1)]
     assert engine.contexts[0].shapes["input_ids"] == (2, width) and len(out) == 3
+
+
+@pytest.mark.parametrize("buckets", [False, True])
+def test_engine_stream_fills_the_batch_to_a_bucket(buckets):
+    """With shape buckets, 3 prompts on a --max-batch 4 engine run as 4 rows (context and decode shapes) and
+    yield 3 tokens per step, the same as the 3-row run without buckets."""
+    engine = fake_gpt2_engine()
+    engine.shape_buckets = buckets
+    out = [s.tokens.tolist() for s in engine.stream([[5, 6, 7], [9], [4, 4]], 3, eos_token_id=None)]
+    rows = 4 if buckets else 3
+    assert engine.contexts[0].shapes["input_ids"][0] == rows and engine.contexts[1].shapes["input_ids"] == (rows, 1)
+    w = prompt_width(3, 3, engine.limits) if buckets else 3  # the fake emits (last token + position) % 100
+    assert out == [[t % 100 for t in (7 + d, 9 + d, 4 + d)] for d in (0, w, 2 * w + 1)]

@@ -77,10 +77,11 @@ def test_staging_alternates_slots_and_retires_calls():
     assert c.done and s0.event.waits == 2 and s1.event.waits == 1  # only c was still in flight
 
 
-def fake_bert_engine(limits, shape_buckets=False):
+def fake_bert_engine(limits, shape_buckets=False, call_limits=None):
     """A BertEngine whose CUDA and TensorRT are NumPy fakes that run at once: hidden [T, 2] = (token id, position)
     per token, first_token_states the first row of each sequence; ``log`` records engine runs and collects,
-    ``shapes`` the input shapes of every run."""
+    ``shapes`` the input shapes of every run. ``call_limits``: its profile's maxima (default ``limits``, a plan
+    without room for bucket fillers)."""
     from eet.runtime.bert import BertEngine
     from eet.runtime.engine import Staging, TensorIO
 
@@ -104,8 +105,9 @@ def fake_bert_engine(limits, shape_buckets=False):
     class Fake(BertEngine):
         def __init__(self):  # no plan, no GPU
             self._closed, self.device, self.limits, self.hidden_size = False, FakeDevice(), limits, 2
+            self.call_limits = call = call_limits or limits
             self.io = {n: TensorIO(n, np.dtype(np.float32), False, 0) for n in ("hidden_states", "first_token_states")}
-            self.buffers = {n: np.zeros(4 * 2 * (limits.max_tokens + limits.max_batch + 1), np.uint8)
+            self.buffers = {n: np.zeros(4 * 2 * (call.max_tokens + call.max_batch + 1), np.uint8)
                             for n in ("input_ids", "token_type_ids", "position_ids", "cu_seqlens", "max_seqlen",
                                       "hidden_states", "first_token_states")}
             self.contexts, self.log, self.shapes, self.shape_buckets = [Context(self)], [], [], shape_buckets
@@ -118,21 +120,27 @@ def fake_bert_engine(limits, shape_buckets=False):
     return Fake()
 
 
+@pytest.mark.parametrize("room", [False, True], ids=["plan-without-room", "plan-with-room"])
 @pytest.mark.parametrize("buckets", [False, True])
-def test_encode_pipelines_its_calls(rng, buckets):
+def test_encode_pipelines_its_calls(rng, buckets, room):
     """The real submit_packed / collect_packed under encode(), over fakes: call i + 1 runs before call i is
     collected, every sequence gets its own token ids and positions back, in input order, over several calls; a
-    call collected after two more were submitted fails. With shape buckets every call has max_batch sequences,
-    max_seq as its max_seqlen carrier and a bucketed token count, and the fillers' outputs are dropped."""
+    call collected after two more were submitted fails. With shape buckets every call has the profile's largest
+    sequence count, max_seq as its max_seqlen carrier and a bucketed token count, and the fillers' outputs are
+    dropped; a plan with room for the fillers (as `eet build` makes them) is called as often as without buckets,
+    one without loses a sequence slot per call."""
     limits = BertLimits(max_batch=3, max_tokens=14, max_seq=8, vocab_size=100)
-    engine = fake_bert_engine(limits, shape_buckets=buckets)
-    seqs = [rng.integers(0, 100, n).tolist() for n in (3, 4, 2, 5, 1, 8, 7)]
+    call = BertLimits(4, 14 + 3, 8, 100) if room else limits
+    engine = fake_bert_engine(limits, shape_buckets=buckets, call_limits=call)
+    seqs = [rng.integers(0, 100, n).tolist() for n in (3, 4, 2, 5, 1, 8, 7, 1, 1, 1)]
     out = engine.encode(seqs)
-    n = len(plan_calls([len(s) for s in seqs], bucket_limits(limits) if buckets else limits))
+    lengths = [len(s) for s in seqs]
+    n = len(plan_calls(lengths, bucket_limits(call) if buckets else limits))
     assert out.calls == n >= 3
+    assert n == len(plan_calls(lengths, limits)) if room or not buckets else n > len(plan_calls(lengths, limits))
     if buckets:
-        assert {s["input_ids"] for s in engine.shapes} <= {(8,), (14,)}  # multiples of max_seq, or max_tokens
-        assert {(s["cu_seqlens"], s["max_seqlen"]) for s in engine.shapes} == {((4,), (8,))}
+        assert {s["input_ids"] for s in engine.shapes} <= {(8,), (16,), (call.max_tokens,)}  # bucket or the largest
+        assert {(s["cu_seqlens"], s["max_seqlen"]) for s in engine.shapes} == {((call.max_batch + 1,), (8,))}
     else:
         assert sum(s["input_ids"][0] for s in engine.shapes) == sum(map(len, seqs))
     assert engine.log == ["run"] + ["run", "collect"] * (n - 1) + ["collect"]

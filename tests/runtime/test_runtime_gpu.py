@@ -44,7 +44,11 @@ def test_encode_matches_huggingface(built, dtype, deserialize_hook, rng):
     with eet.runtime.load(out, deserialize_hook=deserialize_hook) as engine:
         enc = engine.encode(seqs, token_type_ids=types)
         again = engine.encode(seqs[3:5], token_type_ids=types[3:5])
-    assert enc.calls >= 3 and len(enc.hidden_states) == len(seqs)
+        # --max-batch sequences in one call: the plan leaves room for the shape bucket's filler
+        short = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))[:8]
+        assert sum(len(seqs[i]) for i in short) <= 2048
+        full = engine.encode([seqs[i] for i in short], token_type_ids=[types[i] for i in short])
+    assert enc.calls >= 3 and len(enc.hidden_states) == len(seqs) and full.calls == 1
     model = load_reference_model(json.loads((out / "engine.json").read_text())).model.cuda().double()
     worst = worst_first = 0.0
     refs = []
@@ -68,6 +72,9 @@ def test_encode_matches_huggingface(built, dtype, deserialize_hook, rng):
     if dtype == "fp32":
         np.testing.assert_allclose(again.hidden_states[0], enc.hidden_states[3], atol=1e-6)
     assert again_err <= bound
+    full_err = max(float(np.abs(h - refs[i]).max()) for i, h in zip(short, full.hidden_states))
+    print(f"encode {dtype}: the 8 shortest sequences in one call: max abs error {full_err:.2e}")
+    assert full_err <= bound
 
 
 def hf_alone(model, prompts, new):
@@ -98,18 +105,24 @@ def test_generate_matches_huggingface(built, dtype, graphs, deserialize_hook, rn
     with eet.runtime.load(out, deserialize_hook=deserialize_hook, cuda_graphs=graphs) as engine:
         got = engine.generate(prompts, new, eos_token_id=None).tokens
         assert engine.generate(prompts, new, eos_token_id=None).tokens == got  # replays agree
-        assert engine.generate(prompts[:3], 5, eos_token_id=None).tokens == [t[:5] for t in got[:3]]  # new batch size
+        # another batch size (4 rows with shape buckets: 3 prompts and a filler); its GEMMs may take other kernels
+        small = engine.generate(prompts[:3], 5, eos_token_id=None).tokens
     want, margins = hf_alone(load_reference_model(json.loads((out / "engine.json").read_text())).model, prompts, new)
     agree = float(np.mean(np.array(got) == np.array(want)))
-    diverged = [(r, next(i for i, (a, b) in enumerate(zip(g, w)) if a != b)) for r, (g, w) in enumerate(zip(got, want))
-                if g != w]
+
+    def divergences(rows):
+        return [(r, next(i for i, (a, b) in enumerate(zip(g, w)) if a != b)) for r, (g, w) in enumerate(zip(rows, want))
+                if g != w[:len(g)]]
+
+    diverged, diverged_small = divergences(got), divergences(small)
     print(f"generate {dtype}, graphs {graphs}: prompts {lengths}, {new} new tokens; agreement with Hugging Face "
           f"alone {agree:.1%}; first divergences (row, step, HF top-2 margin): "
-          f"{[(r, s, round(margins[r][s], 5)) for r, s in diverged]}")
+          f"{[(r, s, round(margins[r][s], 5)) for r, s in diverged]}; batch of 3, +5: "
+          f"{[(r, s, round(margins[r][s], 5)) for r, s in diverged_small]}")
     # A row may leave Hugging Face's tokens only where Hugging Face's own top two logits nearly tie (relative to
     # the largest logit): in fp16, and in fp32 too, since TensorRT-RTX runs fp32 GEMMs in TF32 (README).
     limit = 5e-3 if dtype == "fp32" else 5e-2
-    assert all(margins[r][s] < limit for r, s in diverged), diverged
+    assert all(margins[r][s] < limit for r, s in diverged + diverged_small), (diverged, diverged_small)
     if dtype == "fp32":
         assert agree >= 0.9
 
