@@ -11,8 +11,9 @@ a few shapes: the token count to :func:`token_bucket` (56 buckets up to 16,384 t
 what the engine's profile takes, by filler sequences after the real ones whose outputs are dropped; the
 ``max_seqlen`` carrier is always --max-seq long. Once a bucket has been met, calls in it run at full speed.
 ``eet build bert`` gives the profile room for the filler (one sequence beyond --max-batch, and --max-batch tokens
-beyond --max-tokens rounded up to a multiple of 64), so a bucketed call still carries --max-batch real sequences; on a plan whose profile is exactly
---max-batch / --max-tokens (built before that room existed) a bucketed call carries one sequence fewer.
+beyond --max-tokens rounded up to a multiple of 64), so a bucketed call still carries --max-batch real sequences;
+on a plan whose profile is exactly --max-batch / --max-tokens (built before that room existed) a bucketed call
+carries one sequence fewer.
 """
 from __future__ import annotations
 
@@ -279,7 +280,8 @@ class BertEngine(Engine):
             if span is not None:
                 start, end = span
                 feeds = pack(batch[start:end], None if token_type_ids is None else token_type_ids[start:end])
-                submitted = (self.submit_packed(fill_to_bucket(feeds, self.call_limits) if bucketed else feeds), start, end)
+                filled = fill_to_bucket(feeds, self.call_limits) if bucketed else feeds
+                submitted = (self.submit_packed(filled), start, end)
             if pending is not None:
                 call, s0, s1 = pending
                 h, f = self.collect_packed(call, copy=False)  # with buckets, the fillers' rows come last
