@@ -103,10 +103,10 @@ def prompt_width(longest: int, max_new_tokens: int, limits: Limits, multiple: in
 
 def batch_bucket(rows: int, limits: Limits) -> int:
     """The batch size a generation of ``rows`` prompts runs at with shape buckets: the next power of two, at most
-    --max-batch (e.g. 1, 2, 4, 8, 16, 32 for --max-batch 32). A new batch size costs TensorRT-RTX about 4 s the
-    first time (GPT-2 small, H100: the decode step's kernels for the new shapes); filler rows cost the decode steps
-    next to nothing (their attention reads two keys; the linear layers read the same weights for 17 rows as for
-    32) and the context phase their share of its tokens."""
+    --max-batch (e.g. 1, 2, 4, 8, 16, 32 for --max-batch 32). A new batch size costs TensorRT-RTX 0.7-4.7 s the
+    first time (GPT-2 small, H100: kernels for the new shapes); filler rows cost the decode steps next to nothing
+    (their attention reads only the keys of their one token and of the steps so far; the linear layers read the
+    same weights for 17 rows as for 32) and the context phase their share of its tokens."""
     return min(1 << max(rows - 1, 0).bit_length(), limits.max_batch)
 
 
