@@ -469,8 +469,9 @@ def load(directory: str | Path, *, device: int = 0, cuda_graphs: str = "auto", s
             memory only). Ignored by flavours without runtime caches.
         shape_buckets: round each call's shape up to one of a few buckets (default True), because TensorRT-RTX
             spends 0.1-1.7 s on every input shape it has not met before: BERT calls are filled to a token
-            bucket (:func:`eet.runtime.bert.token_bucket`), GPT-2 prompt batches are left-padded to a multiple
-            of 64 tokens. False: every call runs at its exact shape.
+            bucket (:func:`eet.runtime.bert.token_bucket`) and the profile's sequence count, GPT-2 prompt batches
+            are left-padded to a multiple of 64 tokens and run as a power-of-two number of rows
+            (:func:`eet.runtime.generation.batch_bucket`). False: every call runs at its exact shape.
         deserialize_hook: a context-manager factory wrapped around deserialization (tests only; default none).
 
     Returns:
