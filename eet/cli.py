@@ -6,6 +6,7 @@
     eet check DIR  [--batch B] [--max-len L] [--seed N] [--engine auto|yes|no]
     eet run DIR    (--text T ... | --ids 'ID ID' ... | --random N) [--max-new-tokens N] [sampling]
     eet bench DIR  [--batch B] [--max-len L] [--past P] [--new-tokens N] [--iters N]
+    eet warm DIR   [--device N] [--runtime-cache FILE|auto]
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ commands:
                ONNX Runtime and Hugging Face
   run DIR      run the engine: encode (BERT) or generate (GPT-2) from the command line
   bench DIR    latency and throughput of the engine against Hugging Face PyTorch and a plain TensorRT engine
+  warm DIR     run every shape bucket once on this GPU and keep the compiled kernels in the runtime cache file
 
 `eet <command> --help` for options."""
 
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             from eet.commands import build
 
             return build.main(rest)
-        if command in ("check", "run", "bench"):
+        if command in ("check", "run", "bench", "warm"):
             import importlib
 
             return importlib.import_module(f"eet.commands.{command}").main(rest)

@@ -116,6 +116,15 @@ def fill_to_bucket(feeds: dict, limits: BertLimits) -> dict:
             "max_seqlen": limits.max_seq}
 
 
+def bucket_token_counts(limits: BertLimits) -> list[int]:
+    """Every packed token count a bucketed call of an engine that takes ``limits`` per call (its profile's
+    maxima, :func:`profile_limits`) can have: :func:`token_bucket` of every count from one token per sequence up,
+    as far as ``max_batch`` sequences of at most ``max_seq`` tokens reach. Ascending."""
+    reach = min(limits.max_tokens, limits.max_batch * limits.max_seq)
+    counts = {token_bucket(n, limits.max_tokens, limits.max_seq) for n in range(limits.max_batch, reach + 1)}
+    return sorted(c for c in counts if c <= reach)
+
+
 def pack(ids: Sequence[Sequence[int]], token_types: Sequence[Sequence[int]] | None = None) -> dict[str, np.ndarray]:
     """The packed engine inputs of one call (int32): ``input_ids``, ``token_type_ids``, ``position_ids`` [T]
     (positions restart at 0 for each sequence), ``cu_seqlens`` [B+1]; plus ``max_seqlen``, the longest length
@@ -228,6 +237,24 @@ class BertEngine(Engine):
         hidden = h["hidden_states"][: t * self.hidden_size].reshape(t, self.hidden_size)
         first = h["first_token_states"][: b * self.hidden_size].reshape(b, self.hidden_size)
         return (hidden.copy(), first.copy()) if copy else (hidden, first)
+
+    def bucket_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """What :meth:`warm_up` runs: one packed call per token count of :func:`bucket_token_counts`, each with
+        the profile's sequence count (as :func:`fill_to_bucket` makes every bucketed call)."""
+        if bucket_limits(self.call_limits) is None:
+            raise EetError(f"this engine's profile ({self.call_limits.max_batch} sequences, "
+                           f"{self.call_limits.max_tokens} tokens per call) leaves no room for bucket fillers, so "
+                           "encode() runs every call at its exact shape and there are no buckets to warm up; "
+                           "rebuild with `eet build bert` (which leaves the room)")
+        return [("packed", (t, self.call_limits.max_batch)) for t in bucket_token_counts(self.call_limits)]
+
+    def _run_shape(self, profile: str, shape: tuple[int, ...]) -> None:
+        tokens, batch = shape  # token id 0 everywhere, lengths as even as they come
+        lengths = np.full(batch, tokens // batch, np.int64)
+        lengths[: tokens % batch] += 1
+        feeds = pack([[0] * int(n) for n in lengths])
+        feeds["max_seqlen"] = self.call_limits.max_seq
+        self.run_packed(feeds, copy=False)
 
     def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
         """Token ids and token types of ``texts`` with the model's tokenizer, truncated to --max-seq."""

@@ -18,7 +18,9 @@ What :func:`load` does, in order (each step fails with an :class:`EetError` that
    the runtime owns it). Host staging buffers are pinned;
 5. with TensorRT-RTX, gives every context one runtime cache of the kernels it compiles per new shape, read from
    a file (by default under ``DIR/runtime_cache/``) and written back when the engine closes, so that the next
-   process skips those compilations (:class:`RuntimeCache`; a missing, stale or unwritable file only warns).
+   process skips those compilations (:class:`RuntimeCache`; a missing, stale or unwritable file only warns);
+6. with ``warm_up=True``, runs every shape bucket once (:meth:`Engine.warm_up`; ``eet warm DIR`` does it once
+   and keeps the result in the runtime cache file).
 
 ``deserialize_hook`` is a seam for tests and benchmarks: a context-manager factory wrapped around the plan's
 deserialization (the GPU tests pass the cc-shim's ``faked_capability`` there). The product passes nothing.
@@ -322,6 +324,20 @@ class RuntimeCache:
         return True
 
 
+@dataclass(frozen=True)
+class WarmShape:
+    """One shape bucket run by :meth:`Engine.warm_up`: ``profile`` (BERT ``packed``; GPT-2 ``context`` or
+    ``decode``), ``shape`` (packed: (tokens, sequences); context: (rows, prompt width); decode: (rows, 1)) and the
+    host ``seconds`` its run took (mostly TensorRT-RTX compiling kernels for it, unless they were cached)."""
+
+    profile: str
+    shape: tuple[int, ...]
+    seconds: float
+
+    def __str__(self) -> str:
+        return f"{self.profile} {' x '.join(map(str, self.shape))}: {self.seconds:.2f} s"
+
+
 class Engine:
     """A deserialized EET engine with its contexts and buffers. Use :func:`load` to make one.
 
@@ -420,6 +436,47 @@ class Engine:
         self._require_open()
         return self.runtime_cache.save()
 
+    def bucket_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """The (profile, shape) of every shape bucket, in the order :meth:`warm_up` runs them."""
+        raise NotImplementedError
+
+    def _run_shape(self, profile: str, shape: tuple[int, ...]) -> None:
+        """Run one shape bucket of :meth:`bucket_shapes` once, on dummy inputs (outputs dropped)."""
+        raise NotImplementedError
+
+    def warm_up(self, on_shape: Callable[[WarmShape], None] | None = None) -> list[WarmShape]:
+        """Run every shape bucket once (dummy inputs, outputs dropped), so that TensorRT-RTX compiles their
+        kernels now rather than in the first request that meets each bucket (0.1-2 s apiece on an H100), and
+        write the runtime cache file (:meth:`save_runtime_cache`): a later :func:`load` of this plan on this kind
+        of GPU reads them back. GPT-2 also captures each batch bucket's decode-step CUDA graph.
+
+        Args:
+            on_shape: called with each :class:`WarmShape` as soon as it has run (progress).
+
+        Returns:
+            one :class:`WarmShape` per bucket, in :meth:`bucket_shapes` order.
+
+        Raises:
+            EetError: the engine was loaded with ``shape_buckets=False`` (its calls run at their exact shapes,
+                too many to warm up), or a BERT plan has no room for bucket fillers.
+        """
+        import time
+
+        self._require_open()
+        if not self.shape_buckets:
+            raise EetError("warm_up() runs each shape bucket once, but this engine was loaded with "
+                           "shape_buckets=False, so its calls run at their exact shapes: load it with "
+                           "shape_buckets=True (the default)")
+        done = []
+        for profile, shape in self.bucket_shapes():
+            t0 = time.perf_counter()
+            self._run_shape(profile, shape)
+            done.append(WarmShape(profile, tuple(shape), time.perf_counter() - t0))
+            if on_shape is not None:
+                on_shape(done[-1])
+        self.runtime_cache.save()
+        return done
+
     def __enter__(self):
         return self
 
@@ -454,7 +511,7 @@ class Engine:
 
 
 def load(directory: str | Path, *, device: int = 0, cuda_graphs: str = "auto", specialization: str = "auto",
-         runtime_cache: str | Path | None = "auto", shape_buckets: bool = True,
+         runtime_cache: str | Path | None = "auto", shape_buckets: bool = True, warm_up: bool = False,
          deserialize_hook: Callable[[], ContextManager] | None = None):
     """Load the engine in ``directory`` (written by ``eet build``) on GPU ``device``.
 
@@ -472,6 +529,9 @@ def load(directory: str | Path, *, device: int = 0, cuda_graphs: str = "auto", s
             bucket (:func:`eet.runtime.bert.token_bucket`) and the profile's sequence count, GPT-2 prompt batches
             are left-padded to a multiple of 64 tokens and run as a power-of-two number of rows
             (:func:`eet.runtime.generation.batch_bucket`). False: every call runs at its exact shape.
+        warm_up: run every shape bucket once before returning (:meth:`Engine.warm_up`; default False). Costs
+            seconds to a minute without a runtime cache file that holds them (``eet warm DIR`` writes one), and
+            spares each bucket's first request that cost.
         deserialize_hook: a context-manager factory wrapped around deserialization (tests only; default none).
 
     Returns:
@@ -502,11 +562,18 @@ def load(directory: str | Path, *, device: int = 0, cuda_graphs: str = "auto", s
         cls = {"bert": BertEngine, "gpt2": Gpt2Engine}[info["family"]]
         if runtime_cache == "auto":
             runtime_cache = default_runtime_cache_path(folder, info["plan_sha256"], dev.info.capability)
-        return cls(folder, info, trt, dev, trt_engine, log, cuda_graphs, specialization,
-                   Path(runtime_cache) if runtime_cache is not None else None, shape_buckets=shape_buckets)
+        engine = cls(folder, info, trt, dev, trt_engine, log, cuda_graphs, specialization,
+                     Path(runtime_cache) if runtime_cache is not None else None, shape_buckets=shape_buckets)
     except BaseException:
         dev.close()
         raise
+    if warm_up:
+        try:
+            engine.warm_up()
+        except BaseException:
+            engine.close()
+            raise
+    return engine
 
 
 def _tensorrt_for(info: Mapping):

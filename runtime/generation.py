@@ -110,6 +110,18 @@ def batch_bucket(rows: int, limits: Limits) -> int:
     return min(1 << max(rows - 1, 0).bit_length(), limits.max_batch)
 
 
+def bucket_shapes(limits: Limits, multiple: int = PROMPT_BUCKET) -> list[tuple[int, int]]:
+    """Every context-phase shape (rows, width) that a generation with shape buckets runs at: the rows of
+    :func:`batch_bucket` (1, 2, 4, ... --max-batch) times the widths of :func:`prompt_width` (the multiples of
+    ``multiple`` below --max-prompt, and --max-prompt). Complete for every request whose longest prompt plus
+    ``max_new_tokens`` leaves the padded width within --max-len (always when ``max_new_tokens`` <= --max-len -
+    --max-prompt); a request without that room runs at a width of its own. Rows first, widths ascending."""
+    rows = sorted({batch_bucket(n, limits) for n in range(1, limits.max_batch + 1)})
+    top = min(limits.max_prompt, limits.max_len - 1)
+    widths = sorted({min(w, top) for w in range(multiple, top + multiple, multiple)})
+    return [(r, w) for r in rows for w in widths]
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, width: int | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids int32 [B, S], pad_lengths int32 [B]): each prompt right-aligned in a row of S tokens; S is the

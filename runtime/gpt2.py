@@ -17,7 +17,8 @@ import numpy as np
 
 from eet.errors import EetError
 from eet.runtime.engine import Engine, InFlight, Staging
-from eet.runtime.generation import Limits, Sampling, StepTokens, batch_bucket, iterate, prompt_width
+from eet.runtime.generation import GREEDY, Limits, Sampling, StepTokens, batch_bucket, iterate, prompt_width
+from eet.runtime.generation import bucket_shapes as generation_bucket_shapes
 
 MODEL_EOS = "model"
 """Default ``eos_token_id``: the model's own (from the sidecar); pass None to never stop early."""
@@ -175,6 +176,29 @@ class Gpt2Engine(Engine):
             graph = self._graphs[batch] = CudaGraph(ctx.stream.handle,
                                                     lambda: ctx.context.execute_async_v3(ctx.stream.handle))
         graph.launch()
+
+    # ---- warm-up (Engine.warm_up)
+    def bucket_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """What :meth:`warm_up` runs, per batch bucket: the context phase at each prompt width of
+        :func:`~eet.runtime.generation.bucket_shapes` ([rows, width] token ids), and after its first width the
+        decode step ([rows, 1]: a plain run, the CUDA graph's capture and a replay)."""
+        shapes, seen = [], set()
+        for rows, width in generation_bucket_shapes(self.limits):
+            shapes.append(("context", (rows, width)))
+            if rows not in seen:
+                seen.add(rows)
+                shapes.append(("decode", (rows, 1)))
+        return shapes
+
+    def _run_shape(self, profile: str, shape: tuple[int, ...]) -> None:
+        rows, width = shape
+        extra = GREEDY.feeds(np.random.default_rng(0), rows) if self.sampling_inputs else None
+        pads = np.zeros(rows, np.int32)  # token id 0 everywhere; the outputs are dropped
+        if profile == "context":
+            self(np.zeros((rows, width), np.int32), pads, 0, extra)
+            return
+        for position in range(1, 4):
+            self(np.zeros((rows, 1), np.int32), pads, min(position, self.limits.max_len - 1), extra)
 
     # ---- generation
     def _prepare(self, prompts, temperature: float, top_k: int, top_p: float, seed: int, eos_token_id):

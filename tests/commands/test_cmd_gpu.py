@@ -92,3 +92,26 @@ def test_bench_command(engines, deserialize_hook, capsys, tmp_path):
     assert bench.main([str(engines["gpt2", "fp16"]), "--batch", "8", "--max-len", "64", "--past", "64",
                        "--new-tokens", "16", "--iters", "10"], deserialize_hook=deserialize_hook) == 0
     print(capsys.readouterr().out)
+
+
+def test_warm_command(engines, deserialize_hook, capsys, tmp_path):
+    """`eet warm DIR` runs every shape bucket (GPT-2 --max-batch 8, --max-prompt 64: rows 1, 2, 4, 8 at width
+    64, a decode step each) and writes DIR/runtime_cache/; run again, it reads that file, which then keeps its
+    size (TensorRT-RTX's serialization of a read-back cache differs from the file in a byte, not in content)."""
+    from eet.commands import warm
+
+    folder = tmp_path / "gpt2"
+    shutil.copytree(engines["gpt2", "fp16"], folder)
+    shutil.rmtree(folder / "runtime_cache", ignore_errors=True)
+    assert warm.main([str(folder)], deserialize_hook=deserialize_hook) == 0
+    text = capsys.readouterr().out
+    print(text)
+    files = list((folder / "runtime_cache").iterdir())
+    assert "none yet" in text and len(files) == 1 and f"{files[0].stat().st_size:,} B after the warm-up (0 B" in text
+    assert [line.split(":")[0] for line in text.splitlines() if line.startswith("  ")] == [
+        f"  {profile} {rows} x {width}" for rows in (1, 2, 4, 8) for profile, width in (("context", 64), ("decode", 1))]
+    assert warm.main([str(folder)], deserialize_hook=deserialize_hook) == 0
+    text = capsys.readouterr().out
+    print(text)
+    size = files[0].stat().st_size
+    assert f"read {size:,} B" in text and f"{size:,} B after the warm-up ({size:,} B before)" in text

@@ -24,12 +24,20 @@ needs_no_gpu = pytest.mark.skipif(cuda_runtime_available(), reason="this machine
 
 @needs_no_gpu
 @pytest.mark.parametrize("command", [["run", "--random", "2"], ["bench", "--iters", "2"],
-                                     ["check", "--engine", "yes"]])
+                                     ["check", "--engine", "yes"], ["warm"]])
 def test_commands_that_need_the_engine_fail_clearly(sidecar_only_gpt2, command, capsys):
     argv = [command[0], str(sidecar_only_gpt2), *command[1:]]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and ("PyCUDA" in err or "kernel library" in err or "GPU" in err), err
+
+
+def test_warm_needs_a_cache_file(sidecar_only_gpt2, capsys):
+    """`eet warm` keeps what it compiles only in the runtime cache file: --runtime-cache none is refused before
+    anything loads; `eet --help` lists the command."""
+    assert main(["warm", str(sidecar_only_gpt2), "--runtime-cache", "none"]) == 2
+    assert "with --runtime-cache none they would be lost" in capsys.readouterr().err
+    assert main(["--help"]) == 0 and "warm DIR" in capsys.readouterr().out
 
 
 def test_run_inputs_from_arguments():

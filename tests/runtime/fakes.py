@@ -40,3 +40,14 @@ class FakeDevice:
 
     def pinned(self, n, dtype):
         return np.zeros(n, dtype)
+
+
+class SavedCache:
+    """Stands in for an engine's RuntimeCache: counts save() calls."""
+
+    def __init__(self):
+        self.saves = 0
+
+    def save(self):
+        self.saves += 1
+        return True

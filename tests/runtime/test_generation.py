@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from eet.errors import EetError
-from eet.runtime.generation import Limits, batch_bucket, greedy, left_pad, prompt_width
-from fakes import FakeDevice
+from eet.runtime.generation import Limits, batch_bucket, bucket_shapes, greedy, left_pad, prompt_width
+from fakes import FakeDevice, SavedCache
 
 LIMITS = Limits(max_batch=4, max_prompt=8, max_len=16, vocab_size=100)
 
@@ -36,6 +36,25 @@ def test_batch_bucket_is_the_next_power_of_two_within_max_batch():
     odd = Limits(max_batch=24, max_prompt=8, max_len=16, vocab_size=100)
     assert [batch_bucket(n, odd) for n in (9, 16, 17, 24)] == [16, 16, 24, 24]
     assert all(n <= batch_bucket(n, big) < 2 * n for n in range(1, 33))
+
+
+def test_bucket_shapes_cover_every_bucketed_request(rng):
+    """bucket_shapes() lists the (rows, width) of every context phase that a request with room for
+    max_new_tokens (<= --max-len - --max-prompt) runs at with buckets, and nothing else; a request without that
+    room may run at a width of its own."""
+    big = Limits(max_batch=32, max_prompt=512, max_len=1024, vocab_size=100)
+    shapes = bucket_shapes(big)
+    assert shapes == [(r, w) for r in (1, 2, 4, 8, 16, 32) for w in range(64, 513, 64)]
+    odd = Limits(max_batch=5, max_prompt=100, max_len=130, vocab_size=100)
+    assert bucket_shapes(odd) == [(r, w) for r in (1, 2, 4, 5) for w in (64, 100)]
+    for limits in (big, odd, LIMITS):
+        listed, met = set(bucket_shapes(limits)), set()
+        for _ in range(300):
+            n, longest = int(rng.integers(1, limits.max_batch + 1)), int(rng.integers(1, limits.max_prompt + 1))
+            new = int(rng.integers(1, limits.max_len - limits.max_prompt + 1))
+            met.add((batch_bucket(n, limits), prompt_width(longest, new, limits)))
+        assert met <= listed
+    assert (1, 80) not in bucket_shapes(odd) and prompt_width(70, 50, odd) == 80  # 70 + 50: no room for 100
 
 
 def test_filler_rows_change_nothing_for_the_prompts():
@@ -206,6 +225,7 @@ def fake_gpt2_engine(max_batch=4, max_prompt=8, vocab=100):
 
         def execute(self):
             b, s = self.shapes["input_ids"]
+            self.engine.met.add((self.stream.name, (b, s)))
             buf = self.engine.buffers
             ids = buf["input_ids"].view(np.int32)[: b * s].reshape(b, s)
             step = int(buf["step"].view(np.int32)[0])
@@ -223,7 +243,8 @@ def fake_gpt2_engine(max_batch=4, max_prompt=8, vocab=100):
             self.io = {"logits": TensorIO("logits", np.dtype(np.float32), False, 0)}
             self._staging = Staging(self.device, self._host_buffers)
             self._last = None
-            self.log = log
+            self.log, self.met, self.shape_buckets = log, set(), False
+            self.runtime_cache = SavedCache()
 
     return Fake()
 
@@ -271,3 +292,27 @@ def test_engine_stream_fills_the_batch_to_a_bucket(buckets):
     assert engine.contexts[0].shapes["input_ids"][0] == rows and engine.contexts[1].shapes["input_ids"] == (rows, 1)
     w = prompt_width(3, 3, engine.limits) if buckets else 3  # the fake emits (last token + position) % 100
     assert out == [[t % 100 for t in (7 + d, 9 + d, 4 + d)] for d in (0, w, 2 * w + 1)]
+
+
+def test_engine_warm_up_runs_every_bucket_once(rng):
+    """warm_up() runs the context phase at every (rows, width) of bucket_shapes() and three decode steps per
+    batch bucket (plain, graph capture, replay), saves the runtime cache, and leaves requests within the buckets
+    no new shape; without shape buckets it refuses."""
+    engine = fake_gpt2_engine(max_batch=4, max_prompt=8)
+    with pytest.raises(EetError, match="shape_buckets=False"):
+        engine.warm_up()
+    engine.shape_buckets = True
+    progress = []
+    done = engine.warm_up(on_shape=progress.append)
+    assert [(s.profile, s.shape) for s in done] == [
+        ("context", (1, 8)), ("decode", (1, 1)), ("context", (2, 8)), ("decode", (2, 1)), ("context", (4, 8)),
+        ("decode", (4, 1))]
+    assert progress == done and all(s.seconds >= 0 for s in done) and engine.runtime_cache.saves == 1
+    steps = [e[1:] for e in engine.log if e[0] == "step"]
+    assert steps == [("context", 0), ("decode", 1), ("decode", 2), ("decode", 3)] * 3
+    warmed = set(engine.met)
+    assert warmed == {("context", (r, 8)) for r in (1, 2, 4)} | {("decode", (r, 1)) for r in (1, 2, 4)}
+    for _ in range(20):
+        prompts = [rng.integers(0, 100, int(rng.integers(1, 9))).tolist() for _ in range(rng.integers(1, 5))]
+        list(engine.stream(prompts, int(rng.integers(1, engine.limits.max_len - 8 + 1)), eos_token_id=None))
+    assert engine.met == warmed

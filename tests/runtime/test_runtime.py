@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from eet.errors import EetError
-from eet.runtime.bert import BertLimits, bucket_limits, check_batch, fill_to_bucket, pack, plan_calls, token_bucket
+from eet.runtime.bert import (BertLimits, bucket_limits, bucket_token_counts, check_batch, fill_to_bucket, pack,
+                              plan_calls, token_bucket)
 from eet.runtime.engine import check_compatible, unsupported_gpu_message
-from fakes import FakeDevice
+from fakes import FakeDevice, SavedCache
 
 LIMITS = BertLimits(max_batch=4, max_tokens=100, max_seq=40, vocab_size=50)
 
@@ -187,6 +188,47 @@ def test_fill_to_bucket_keeps_the_real_sequences_first(rng):
         assert (filled["position_ids"][t:] == np.concatenate([np.arange(n) for n in fill])).all()
     with pytest.raises(EetError, match="does not fit a bucket"):
         fill_to_bucket(pack([[1]] * 4), LIMITS)  # max_batch sequences leave no filler slot
+
+
+def test_bucket_token_counts():
+    """Every token count fill_to_bucket() can give, and only those: one token per sequence up to the profile's
+    maxima (or max_batch x max_seq)."""
+    assert bucket_token_counts(BertLimits(4, 17, 8, 100)) == [8, 16, 17]
+    assert bucket_token_counts(BertLimits(3, 100, 8, 100)) == [8, 16, 24]  # 3 x 8 tokens at most
+    room = BertLimits(33, 16448, 512, 100)  # `eet build bert --max-batch 32 --max-tokens 16384 --max-seq 512`
+    counts = bucket_token_counts(room)
+    assert counts[0] == 64 and counts[-1] == 16448 and len(counts) == 57 and counts == sorted(set(counts))
+    small = bucket_limits(room)
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        lengths = rng.integers(1, room.max_seq + 1, int(rng.integers(1, small.max_batch + 1))).tolist()
+        start, end = plan_calls(lengths, small)[0]
+        filled = fill_to_bucket(pack([[0] * n for n in lengths[start:end]]), room)
+        assert filled["input_ids"].size in counts
+
+
+def test_bert_warm_up_runs_every_bucket_once(rng):
+    """warm_up() makes one packed call per bucket_token_counts() value (the profile's sequence count, max_seq as
+    the max_seqlen carrier), saves the runtime cache, and encode() after it meets none but those shapes. A profile
+    too small for a filler (one sequence), or an engine loaded without buckets, refuses."""
+    limits = BertLimits(max_batch=3, max_tokens=30, max_seq=8, vocab_size=100)
+    room = BertLimits(4, 36, 8, 100)
+    engine = fake_bert_engine(limits, shape_buckets=True, call_limits=room)
+    engine.runtime_cache = SavedCache()
+    done = engine.warm_up()
+    counts = bucket_token_counts(room)
+    assert [(s.profile, s.shape) for s in done] == [("packed", (t, 4)) for t in counts]
+    assert engine.runtime_cache.saves == 1 and counts == [8, 16, 24, 32]
+    warmed = [(s["input_ids"], s["cu_seqlens"], s["max_seqlen"]) for s in engine.shapes]
+    assert warmed == [((t,), (5,), (8,)) for t in counts]
+    for _ in range(20):
+        engine.encode([rng.integers(0, 100, int(n)).tolist() for n in rng.integers(1, 9, int(rng.integers(1, 12)))])
+    assert {(s["input_ids"], s["cu_seqlens"], s["max_seqlen"]) for s in engine.shapes} == set(warmed)
+    one = BertLimits(1, 30, 8, 100)  # a profile of one sequence: no slot for a filler
+    with pytest.raises(EetError, match="no room for bucket fillers"):
+        fake_bert_engine(one, shape_buckets=True).warm_up()
+    with pytest.raises(EetError, match="shape_buckets=False"):
+        fake_bert_engine(limits, shape_buckets=False, call_limits=room).warm_up()
 
 
 def counting_step(vocab=10):
