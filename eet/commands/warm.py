@@ -5,7 +5,9 @@ TensorRT-RTX compiles kernels the first time a context meets an input shape (0.1
 ``encode()`` / ``generate()`` round every call up to a few shape buckets, so without a cache the first request
 of each bucket pays that. Run this once per plan and kind of GPU (the file is named by both, under
 ``DIR/runtime_cache/`` by default); every later :func:`eet.runtime.load` with the same file reads the kernels
-back. In a long-running process, ``eet.runtime.load(DIR, warm_up=True)`` does the same at start-up.
+back. Measured on an H100: BERT's first requests then run at full speed; GPT-2's still take 0.3-0.6 s per new
+shape (against 0.3-5 s), which ``eet.runtime.load(DIR, warm_up=True)`` removes by running every bucket at
+start-up (13.6 s for GPT-2 small's 54 buckets with the file, 35 s without).
 
 Prints one line per bucket as it runs (BERT: packed tokens x sequences; GPT-2: the context phase at rows x
 prompt width, the decode step at rows x 1) and the file written.
