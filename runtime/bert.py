@@ -17,6 +17,7 @@ carries one sequence fewer.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -38,27 +39,91 @@ class BertLimits:
     type_vocab: int = 2
 
 
+def flatten(seqs: Sequence[Sequence[int]], what: str = "sequence") -> tuple[np.ndarray, np.ndarray]:
+    """(flat int64 [T], lengths int64 [B]): integer lists (or 1-D integer NumPy arrays) back to back, converted
+    once. Raises :class:`EetError` naming the first ``what`` that is not a list of integers (a float id such as
+    3.7 would otherwise be truncated without a word)."""
+    def bad(i: int) -> EetError:
+        return EetError(f"{what} {i} is not a list of integer token ids: give one list of ints per {what}")
+
+    try:
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    except TypeError:
+        raise bad(next(i for i, s in enumerate(seqs) if not hasattr(s, "__len__"))) from None
+    flat = None
+    if lengths.size and all(isinstance(s, np.ndarray) for s in seqs):
+        if all(s.ndim == 1 for s in seqs):
+            flat = np.concatenate(seqs)
+    else:
+        try:
+            flat = np.array(list(itertools.chain.from_iterable(seqs)))
+        except (TypeError, ValueError, OverflowError):
+            pass
+    if flat is None or flat.ndim != 1 or (flat.size and flat.dtype.kind not in "iub"):
+        for i, seq in enumerate(seqs):
+            try:
+                arr = np.asarray(seq)
+            except (TypeError, ValueError, OverflowError):
+                raise bad(i) from None
+            if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iub"):
+                raise bad(i)
+        raise EetError(f"the {what}s do not hold integer token ids")
+    return flat.astype(np.int64, copy=False), lengths
+
+
+def _first_failing(bad: np.ndarray, starts: np.ndarray) -> int | None:
+    """The index of the sequence holding the first True of the flat mask ``bad`` (``starts``: each sequence's
+    first flat index), or None."""
+    hits = np.flatnonzero(bad)
+    return None if hits.size == 0 else int(np.searchsorted(starts, hits[0], side="right") - 1)
+
+
+def check_flat(flat: np.ndarray, lengths: np.ndarray, limits: BertLimits, types: np.ndarray | None = None,
+               type_lengths: np.ndarray | None = None) -> None:
+    """:func:`check_batch` on :func:`flatten`'s output (``types`` / ``type_lengths``: the token types flattened
+    the same way). Names the first sequence the engine cannot take, and the first of its problems in the order:
+    empty, over --max-seq, an id outside the vocabulary, token types."""
+    if len(lengths) == 0:
+        raise EetError("empty batch: give at least one sequence")
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    found: dict[int, str] = {}
+
+    def note(i, message):
+        if i is not None and i not in found:
+            found[i] = message(i)
+
+    empty = np.flatnonzero(lengths == 0)
+    note(int(empty[0]) if empty.size else None,
+         lambda i: f"sequence {i} is empty: every sequence needs at least one token")
+    long = np.flatnonzero(lengths > limits.max_seq)
+    note(int(long[0]) if long.size else None,
+         lambda i: f"sequence {i} has {lengths[i]} tokens, over the engine's --max-seq {limits.max_seq}; "
+                   "truncate it or rebuild with a larger --max-seq")
+    outside = (flat < 0) | (flat >= limits.vocab_size)
+    first = _first_failing(outside, starts)
+    if first is not None:
+        bad = int(flat[np.flatnonzero(outside)[0]])
+        note(first, lambda i: f"sequence {i} holds token id {bad}, outside the vocabulary [0, {limits.vocab_size})")
+    if types is not None:
+        if len(type_lengths) != len(lengths):
+            raise EetError(f"token_type_ids has {len(type_lengths)} sequences for {len(lengths)}: give one list per "
+                           "sequence")
+        mismatch = np.flatnonzero(type_lengths != lengths)
+        note(int(mismatch[0]) if mismatch.size else None,
+             lambda i: f"token_type_ids of sequence {i} has {type_lengths[i]} entries for {lengths[i]} tokens")
+        type_starts = np.concatenate([[0], np.cumsum(type_lengths)[:-1]])
+        note(_first_failing((types < 0) | (types >= limits.type_vocab), type_starts),
+             lambda i: f"token_type_ids of sequence {i} leave [0, {limits.type_vocab})")
+    if found:
+        raise EetError(found[min(found)])
+
+
 def check_batch(ids: Sequence[Sequence[int]], limits: BertLimits,
                 token_types: Sequence[Sequence[int]] | None = None) -> None:
     """Raise :class:`EetError` naming the first sequence that the engine cannot take."""
-    if len(ids) == 0:
-        raise EetError("empty batch: give at least one sequence")
-    for i, seq in enumerate(ids):
-        if len(seq) == 0:
-            raise EetError(f"sequence {i} is empty: every sequence needs at least one token")
-        if len(seq) > limits.max_seq:
-            raise EetError(f"sequence {i} has {len(seq)} tokens, over the engine's --max-seq {limits.max_seq}; "
-                           "truncate it or rebuild with a larger --max-seq")
-        arr = np.asarray(seq)
-        if arr.min() < 0 or arr.max() >= limits.vocab_size:
-            bad = int(arr[(arr < 0) | (arr >= limits.vocab_size)][0])
-            raise EetError(f"sequence {i} holds token id {bad}, outside the vocabulary [0, {limits.vocab_size})")
-        if token_types is not None:
-            types = np.asarray(token_types[i])
-            if types.shape != arr.shape:
-                raise EetError(f"token_type_ids of sequence {i} has {types.size} entries for {arr.size} tokens")
-            if types.min() < 0 or types.max() >= limits.type_vocab:
-                raise EetError(f"token_type_ids of sequence {i} leave [0, {limits.type_vocab})")
+    flat, lengths = flatten(ids)
+    types, type_lengths = (None, None) if token_types is None else flatten(token_types, "token_type_ids sequence")
+    check_flat(flat, lengths, limits, types, type_lengths)
 
 
 def plan_calls(lengths: Sequence[int], limits: BertLimits) -> list[tuple[int, int]]:
@@ -129,13 +194,21 @@ def pack(ids: Sequence[Sequence[int]], token_types: Sequence[Sequence[int]] | No
     """The packed engine inputs of one call (int32): ``input_ids``, ``token_type_ids``, ``position_ids`` [T]
     (positions restart at 0 for each sequence), ``cu_seqlens`` [B+1]; plus ``max_seqlen``, the longest length
     (the size of the [S] shape-carrier input)."""
-    lengths = np.array([len(s) for s in ids], dtype=np.int64)
-    cat = np.concatenate([np.asarray(s, dtype=np.int32) for s in ids])
-    types = (np.concatenate([np.asarray(t, dtype=np.int32) for t in token_types]) if token_types is not None
-             else np.zeros_like(cat))
-    return {"input_ids": cat, "token_type_ids": types,
-            "position_ids": np.concatenate([np.arange(n, dtype=np.int32) for n in lengths]),
-            "cu_seqlens": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32),
+    flat, lengths = flatten(ids)
+    return pack_flat(flat, lengths, None if token_types is None else flatten(token_types)[0])
+
+
+def pack_flat(flat: np.ndarray, lengths: np.ndarray, types: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """:func:`pack` of sequences already flattened (:func:`flatten`): ``flat`` [T] ids, ``lengths`` [B],
+    ``types`` [T] or None (all 0)."""
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    positions = np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64) - np.repeat(starts, lengths)
+    ids = flat.astype(np.int32)
+    return {"input_ids": ids,
+            "token_type_ids": np.zeros_like(ids) if types is None else types.astype(np.int32),
+            "position_ids": positions.astype(np.int32),
+            "cu_seqlens": np.concatenate([[0], ends]).astype(np.int32),
             "max_seqlen": int(lengths.max())}
 
 
@@ -289,8 +362,11 @@ class BertEngine(Engine):
             batch, token_type_ids = self.tokenize(batch)
         elif any(isinstance(s, str) for s in batch):
             raise EetError("give sequences either all as texts or all as token-id lists, not mixed")
-        check_batch(batch, self.limits, token_type_ids)
-        lengths = np.array([len(s) for s in batch])
+        # every sequence converted to NumPy once: checked as a whole, then sliced per engine call
+        flat, lengths = flatten(batch)
+        types, type_lengths = ((None, None) if token_type_ids is None
+                               else flatten(token_type_ids, "token_type_ids sequence"))
+        check_flat(flat, lengths, self.limits, types, type_lengths)
         # with shape buckets, each call leaves room for its fillers (None: the engine is too small for one)
         bucketed = bucket_limits(self.call_limits) if self.shape_buckets else None
         calls = plan_calls(lengths.tolist(), bucketed or self.limits)
@@ -306,7 +382,8 @@ class BertEngine(Engine):
             submitted = None
             if span is not None:
                 start, end = span
-                feeds = pack(batch[start:end], None if token_type_ids is None else token_type_ids[start:end])
+                lo, hi = rows[start], rows[end]
+                feeds = pack_flat(flat[lo:hi], lengths[start:end], None if types is None else types[lo:hi])
                 filled = fill_to_bucket(feeds, self.call_limits) if bucketed else feeds
                 submitted = (self.submit_packed(filled), start, end)
             if pending is not None:

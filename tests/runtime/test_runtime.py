@@ -29,6 +29,19 @@ def test_pack_restarts_positions_and_counts_tokens(rng):
     assert not feeds["token_type_ids"].any()
 
 
+def test_pack_takes_numpy_sequences_and_token_types(rng):
+    lengths = rng.integers(1, 40, size=5)
+    seqs = [rng.integers(0, 50, n) for n in lengths]
+    types = [rng.integers(0, 2, n) for n in lengths]
+    as_lists = pack([s.tolist() for s in seqs], [t.tolist() for t in types])
+    as_arrays = pack(seqs, types)
+    for name in ("input_ids", "token_type_ids", "position_ids", "cu_seqlens"):
+        assert as_arrays[name].dtype == np.int32
+        assert as_arrays[name].tolist() == as_lists[name].tolist()
+    assert as_lists["token_type_ids"].tolist() == np.concatenate(types).tolist()
+    check_batch(seqs, LIMITS, types)  # valid: no error
+
+
 def test_plan_calls_respects_every_limit(rng):
     for _ in range(200):
         lengths = rng.integers(1, LIMITS.max_seq + 1, size=int(rng.integers(1, 30))).tolist()
@@ -51,6 +64,19 @@ def test_plan_calls_respects_every_limit(rng):
     ([[1, -1]], None, "token id -1"),
     ([[1, 2]], [[0]], "1 entries for 2 tokens"),
     ([[1, 2]], [[0, 2]], "token_type_ids of sequence 0 leave"),
+    ([[1, 2], [3]], [[0, 0]], "token_type_ids has 1 sequences for 2"),
+    ([[1, 2], [3, 4.5]], None, "sequence 1 is not a list of integer token ids"),
+    ([[1, 2], 3], None, "sequence 1 is not a list of integer token ids"),
+    ([[1, [2]]], None, "sequence 0 is not a list of integer token ids"),
+    ([np.array([1, 2]), np.array([[1, 2]])], None, "sequence 1 is not a list of integer token ids"),
+    ([[1, 2]], [[0, 0.5]], "token_type_ids sequence 0 is not a list of integer token ids"),
+    # the first sequence the engine cannot take is named, whatever its problem
+    ([[1, 2], [1, 50], [1] * 41, []], None, "sequence 1 holds token id 50"),
+    ([[1, 2], [1] * 41, [1, 50], []], None, "sequence 1 has 41 tokens"),
+    ([[1, 2], [], [1] * 41, [1, 50]], None, "sequence 1 is empty"),
+    ([[1, 2], [1, 3]], [[0, 0], [0, 5]], "token_type_ids of sequence 1 leave"),
+    # sequence 2's token types do not match its length, but sequence 1 fails first
+    ([[1, 2], [1, 3], [4]], [[0, 0], [0, 7], [0, 0]], "token_type_ids of sequence 1 leave"),
 ])
 def test_check_batch_names_the_problem(batch, types, match):
     with pytest.raises(EetError, match=match):

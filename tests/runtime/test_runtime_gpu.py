@@ -64,13 +64,12 @@ def test_encode_matches_huggingface(built, dtype, deserialize_hook, rng):
     print(f"encode {dtype}: {len(seqs)} sequences in {enc.calls} calls; max abs error vs Hugging Face fp64 "
           f"hidden {worst:.2e}, first token {worst_first:.2e} (bound {bound})")
     assert worst <= bound and worst_first <= bound
-    # The same sequence in another batch: fp32 gives the same numbers; fp16 GEMMs may take other kernels for
-    # other token counts (TensorRT-RTX specializes per shape), so there it must meet the same bound.
+    # The same sequence in another batch: TensorRT-RTX specializes kernels per shape, so another token count may
+    # run other GEMM kernels, fp16 and fp32 (TF32) alike, and the sequence must meet the same bound. (fp32 often
+    # gives the very same numbers, but not always: one run on an H100 differed by more than 1e-6.)
     again_err = float(np.abs(again.hidden_states[0] - refs[3]).max())
     print(f"encode {dtype}: sequence 3 in a batch of 2: max abs error {again_err:.2e}, "
           f"{float(np.abs(again.hidden_states[0] - enc.hidden_states[3]).max()):.2e} from the batch of 20")
-    if dtype == "fp32":
-        np.testing.assert_allclose(again.hidden_states[0], enc.hidden_states[3], atol=1e-6)
     assert again_err <= bound
     full_err = max(float(np.abs(h - refs[i]).max()) for i, h in zip(short, full.hidden_states))
     print(f"encode {dtype}: the 8 shortest sequences in one call: max abs error {full_err:.2e}")
