@@ -20,6 +20,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from eet.errors import EetError
+from eet.runtime.tokens import flatten
 
 StepFn = Callable[[np.ndarray, np.ndarray, int, dict], "tuple[np.ndarray, np.ndarray]"]
 
@@ -72,15 +73,16 @@ class Limits:
                            "split the batch or rebuild with a larger --max-batch")
         if max_new_tokens < 1:
             raise EetError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        longest = max(len(p) for p in prompts)
-        for i, prompt in enumerate(prompts):
-            if len(prompt) == 0:
+        flat, lengths = flatten(prompts, "prompt")
+        longest = int(lengths.max())
+        for i, (start, n) in enumerate(zip(np.cumsum(lengths) - lengths, lengths)):
+            if n == 0:
                 raise EetError(f"prompt {i} is empty: every prompt needs at least one token")
-            if len(prompt) > self.max_prompt:
-                raise EetError(f"prompt {i} has {len(prompt)} tokens, over the engine's --max-prompt "
-                               f"{self.max_prompt}")
-            bad = [t for t in prompt if not 0 <= int(t) < self.vocab_size]
-            if bad:
+            if n > self.max_prompt:
+                raise EetError(f"prompt {i} has {n} tokens, over the engine's --max-prompt {self.max_prompt}")
+            ids = flat[start:start + n]
+            bad = ids[(ids < 0) | (ids >= self.vocab_size)]
+            if bad.size:
                 raise EetError(f"prompt {i} holds token id {bad[0]}, outside the vocabulary [0, {self.vocab_size})")
         if longest + max_new_tokens > self.max_len:
             raise EetError(f"the longest prompt ({longest} tokens) + {max_new_tokens} new tokens = "

@@ -98,6 +98,9 @@ def test_filler_rows_change_nothing_for_the_prompts():
     ([[1, -1]], 4, "token id -1, outside the vocabulary"),
     ([[1] * 8], 9, "8 tokens\\) \\+ 9 new tokens = 17 exceeds the engine's --max-len 16"),
     ([[1]], 0, "max_new_tokens must be >= 1"),
+    ([[1], [2, 3.7]], 4, "prompt 1 is not a list of integer token ids"),
+    ([[1], ["a"]], 4, "prompt 1 is not a list of integer token ids"),
+    ([[1], 5], 4, "prompt 1 is not a list of integer token ids"),
 ])
 def test_limits(prompts, new, message):
     with pytest.raises(EetError, match=message):
