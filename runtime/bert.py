@@ -24,7 +24,7 @@ import numpy as np
 
 from eet.errors import EetError
 from eet.runtime.engine import Engine, InFlight, Staging
-from eet.runtime.tokens import flatten
+from eet.runtime.tokens import first_failing, flatten, sequence_problems
 
 
 @dataclass(frozen=True)
@@ -39,13 +39,6 @@ class BertLimits:
     type_vocab: int = 2
 
 
-def _first_failing(bad: np.ndarray, starts: np.ndarray) -> int | None:
-    """The index of the sequence holding the first True of the flat mask ``bad`` (``starts``: each sequence's
-    first flat index), or None."""
-    hits = np.flatnonzero(bad)
-    return None if hits.size == 0 else int(np.searchsorted(starts, hits[0], side="right") - 1)
-
-
 def check_flat(flat: np.ndarray, lengths: np.ndarray, limits: BertLimits, types: np.ndarray | None = None,
                type_lengths: np.ndarray | None = None) -> None:
     """:func:`check_batch` on :func:`flatten`'s output (``types`` / ``type_lengths``: the token types flattened
@@ -53,35 +46,19 @@ def check_flat(flat: np.ndarray, lengths: np.ndarray, limits: BertLimits, types:
     empty, over --max-seq, an id outside the vocabulary, token types."""
     if len(lengths) == 0:
         raise EetError("empty batch: give at least one sequence")
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    found: dict[int, str] = {}
-
-    def note(i, message):
-        if i is not None and i not in found:
-            found[i] = message(i)
-
-    empty = np.flatnonzero(lengths == 0)
-    note(int(empty[0]) if empty.size else None,
-         lambda i: f"sequence {i} is empty: every sequence needs at least one token")
-    long = np.flatnonzero(lengths > limits.max_seq)
-    note(int(long[0]) if long.size else None,
-         lambda i: f"sequence {i} has {lengths[i]} tokens, over the engine's --max-seq {limits.max_seq}; "
-                   "truncate it or rebuild with a larger --max-seq")
-    outside = (flat < 0) | (flat >= limits.vocab_size)
-    first = _first_failing(outside, starts)
-    if first is not None:
-        bad = int(flat[np.flatnonzero(outside)[0]])
-        note(first, lambda i: f"sequence {i} holds token id {bad}, outside the vocabulary [0, {limits.vocab_size})")
+    found = sequence_problems(flat, lengths, max_len=limits.max_seq, vocab_size=limits.vocab_size)
     if types is not None:
         if len(type_lengths) != len(lengths):
             raise EetError(f"token_type_ids has {len(type_lengths)} sequences for {len(lengths)}: give one list per "
                            "sequence")
         mismatch = np.flatnonzero(type_lengths != lengths)
-        note(int(mismatch[0]) if mismatch.size else None,
-             lambda i: f"token_type_ids of sequence {i} has {type_lengths[i]} entries for {lengths[i]} tokens")
-        type_starts = np.concatenate([[0], np.cumsum(type_lengths)[:-1]])
-        note(_first_failing((types < 0) | (types >= limits.type_vocab), type_starts),
-             lambda i: f"token_type_ids of sequence {i} leave [0, {limits.type_vocab})")
+        if mismatch.size:
+            i = int(mismatch[0])
+            found.setdefault(i, f"token_type_ids of sequence {i} has {type_lengths[i]} entries for {lengths[i]} "
+                                "tokens")
+        i = first_failing((types < 0) | (types >= limits.type_vocab), np.cumsum(type_lengths) - type_lengths)
+        if i is not None:
+            found.setdefault(i, f"token_type_ids of sequence {i} leave [0, {limits.type_vocab})")
     if found:
         raise EetError(found[min(found)])
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from eet.errors import EetError
-from eet.runtime.tokens import flatten
+from eet.runtime.tokens import flatten, sequence_problems
 
 StepFn = Callable[[np.ndarray, np.ndarray, int, dict], "tuple[np.ndarray, np.ndarray]"]
 
@@ -74,16 +74,11 @@ class Limits:
         if max_new_tokens < 1:
             raise EetError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         flat, lengths = flatten(prompts, "prompt")
+        found = sequence_problems(flat, lengths, max_len=self.max_prompt, vocab_size=self.vocab_size, what="prompt",
+                                  limit="--max-prompt")
+        if found:
+            raise EetError(found[min(found)])
         longest = int(lengths.max())
-        for i, (start, n) in enumerate(zip(np.cumsum(lengths) - lengths, lengths)):
-            if n == 0:
-                raise EetError(f"prompt {i} is empty: every prompt needs at least one token")
-            if n > self.max_prompt:
-                raise EetError(f"prompt {i} has {n} tokens, over the engine's --max-prompt {self.max_prompt}")
-            ids = flat[start:start + n]
-            bad = ids[(ids < 0) | (ids >= self.vocab_size)]
-            if bad.size:
-                raise EetError(f"prompt {i} holds token id {bad[0]}, outside the vocabulary [0, {self.vocab_size})")
         if longest + max_new_tokens > self.max_len:
             raise EetError(f"the longest prompt ({longest} tokens) + {max_new_tokens} new tokens = "
                            f"{longest + max_new_tokens} exceeds the engine's --max-len {self.max_len}")

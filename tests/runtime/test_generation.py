@@ -101,6 +101,8 @@ def test_filler_rows_change_nothing_for_the_prompts():
     ([[1], [2, 3.7]], 4, "prompt 1 is not a list of integer token ids"),
     ([[1], ["a"]], 4, "prompt 1 is not a list of integer token ids"),
     ([[1], 5], 4, "prompt 1 is not a list of integer token ids"),
+    ([[1], [1] * 9, [1, 100]], 4, "prompt 1 has 9 tokens"),  # the first prompt that fails is named
+    ([[1], [1, 100], [1] * 9], 4, "prompt 1 holds token id 100"),
 ])
 def test_limits(prompts, new, message):
     with pytest.raises(EetError, match=message):

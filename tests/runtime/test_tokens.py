@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from eet.errors import EetError
-from eet.runtime.tokens import flatten
+from eet.runtime.tokens import flatten, sequence_problems
 
 
 def test_flatten_lists_arrays_and_mixed(rng):
@@ -36,3 +36,14 @@ def test_flatten_empty_batch_and_empty_sequences():
 def test_flatten_names_the_first_bad_sequence(seqs, bad):
     with pytest.raises(EetError, match=f"prompt {bad} is not a list of integer token ids"):
         flatten(seqs, "prompt")
+
+
+def test_sequence_problems_lists_the_first_of_each_kind():
+    flat, lengths = flatten([[1, 2], [], [5] * 9, [1, 99], [], [1] * 9])
+    found = sequence_problems(flat, lengths, max_len=8, vocab_size=50, what="prompt", limit="--max-prompt")
+    assert sorted(found) == [1, 2, 3]
+    assert found[1].startswith("prompt 1 is empty")
+    assert found[2].startswith("prompt 2 has 9 tokens, over the engine's --max-prompt 8")
+    assert found[3] == "prompt 3 holds token id 99, outside the vocabulary [0, 50)"
+    flat, lengths = flatten([[1, 2], [3]])
+    assert sequence_problems(flat, lengths, max_len=8, vocab_size=50) == {}
