@@ -102,6 +102,17 @@ def output_cache(out):
     return out["cache"] if "cache" in keys else out["past_key_values"]
 
 
+def cache_tensors(cache) -> list:
+    """``[key 0, value 0, key 1, value 1, ...]`` of a Hugging Face KV cache, whatever its form: a ``Cache`` with
+    ``layers`` (transformers >= 4.56), one with ``key_cache`` / ``value_cache`` lists (before), or the legacy
+    tuple of (key, value) pairs (which GPT-2 returns under ``torch.export`` in transformers 4.48)."""
+    if hasattr(cache, "layers"):
+        return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    if hasattr(cache, "key_cache"):
+        return [t for pair in zip(cache.key_cache, cache.value_cache) for t in pair]
+    return [t for pair in cache for t in pair[:2]]
+
+
 def export(module, args: tuple, path: str | os.PathLike, input_names: Sequence[str], output_names: Sequence[str],
            form: str, what: str, dynamic_shapes=None) -> Path:
     """``torch.onnx.export(dynamo=True)`` of ``module`` with every input's axes 0 and 1 dynamic (or

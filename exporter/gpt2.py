@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from eet.errors import EetError
-from eet.exporter.common import (EXPORT_FORMS, cache_kwargs, check_model_directory, export, output_cache,
-                                 quiet_transformers, random_config, set_attention)
+from eet.exporter.common import (EXPORT_FORMS, cache_kwargs, cache_tensors, check_model_directory, export,
+                                 output_cache, quiet_transformers, random_config, set_attention)
 from eet.plugins.spec import HEAD_DIMS
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -150,10 +150,7 @@ class _PastWrapper:
                     cache.update(past[2 * layer], past[2 * layer + 1], layer)
                 out = self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=True, **cache_kwargs(self.m, cache))
-                presents = []
-                for layer in output_cache(out).layers:
-                    presents += [layer.keys, layer.values]
-                return (out.logits[:, -1], *presents)
+                return (out.logits[:, -1], *cache_tensors(output_cache(out)))
 
         return Wrapper(model).eval()
 

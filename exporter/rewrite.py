@@ -188,6 +188,19 @@ def _scores_matmul(tensor):
                     continue
                 return found, scale * inner
             raise NoMatch("neither operand of the Add before Softmax comes from MatMul(Q, K^T)")
+        if node.op == "Where":
+            # a masked fill, Where(mask, scores, fill) (GPT-2's eager attention before transformers 5 applies
+            # its causal mask so): the kernels apply their own masks, so walk along the scores operand
+            found = []
+            for operand in node.inputs[1:]:
+                try:
+                    found.append(_scores_matmul(operand))
+                except NoMatch:
+                    continue
+            if len(found) != 1:
+                raise NoMatch(f"{len(found)} operands of the Where before Softmax come from MatMul(Q, K^T), "
+                              "expected one (a masked fill)")
+            return found[0][0], scale * found[0][1]
         raise NoMatch(f"unexpected {_describe(node)} between MatMul(Q, K^T) and Softmax")
 
 

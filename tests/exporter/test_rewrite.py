@@ -99,3 +99,43 @@ def test_scale_is_recovered(exported):
             if node.op_type == "EetVarlenAttention":
                 attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
                 assert attrs["scale"] == pytest.approx(0.125, rel=1e-6), form
+
+
+def _masked_scores(kind: str):
+    """MatMul(Q, K^T) / 8 -> Where masked fill (scores as its X or Y, or both operands from a MatMul) ->
+    + additive mask -> Softmax: (the Softmax input, the Where output)."""
+    import onnx_graphsurgeon as gs
+
+    q, k = (gs.Variable(n, dtype=np.float32, shape=[2, 4, 8, 64]) for n in ("q", "k"))
+    kt = gs.Variable("kt", dtype=np.float32)
+    scores, scaled, filled, masked = (gs.Variable(n, dtype=np.float32) for n in ("s", "scaled", "filled", "masked"))
+    mask = gs.Variable("causal", dtype=np.bool_, shape=[1, 1, 8, 8])
+    fill = gs.Constant("fill", np.array(-1e30, np.float32))
+    nodes = [gs.Node("Transpose", inputs=[k], outputs=[kt], attrs={"perm": [0, 1, 3, 2]}),
+             gs.Node("MatMul", inputs=[q, kt], outputs=[scores]),
+             gs.Node("Div", inputs=[scores, gs.Constant("eight", np.array(8.0, np.float32))], outputs=[scaled])]
+    operands = {"x": [scaled, fill], "y": [fill, scaled], "both": [scaled, scores]}[kind]
+    nodes.append(gs.Node("Where", inputs=[mask, *operands], outputs=[filled]))
+    nodes.append(gs.Node("Add", inputs=[filled, gs.Constant("additive", np.zeros((2, 1, 1, 8), np.float32))],
+                         outputs=[masked]))
+    probs = gs.Variable("p", dtype=np.float32)
+    nodes.append(gs.Node("Softmax", inputs=[masked], outputs=[probs], attrs={"axis": -1}))
+    gs.Graph(nodes=nodes, inputs=[q, k, mask], outputs=[probs])
+    return masked, filled
+
+
+@pytest.mark.parametrize("kind", ["x", "y"])
+def test_masked_fill_before_softmax_is_walked_through(kind):
+    """transformers 4.x's eager GPT-2 fills its causal mask with Where before the additive mask; the rewriter
+    walks through it to MatMul(Q, K^T) and keeps the scale, whichever side of the Where the scores stand on."""
+    qk, scale = rewrite._scores_matmul(_masked_scores(kind)[0])
+    assert qk.op == "MatMul" and qk.inputs[0].name == "q"
+    assert scale == pytest.approx(1 / 8)
+
+
+def test_where_with_two_score_operands_is_refused():
+    softmax_input, where_output = _masked_scores("both")
+    with pytest.raises(rewrite.NoMatch, match="2 operands of the Where before Softmax"):
+        rewrite._scores_matmul(where_output)
+    with pytest.raises(rewrite.NoMatch):  # and so the Add above it leads nowhere either
+        rewrite._scores_matmul(softmax_input)

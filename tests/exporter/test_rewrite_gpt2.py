@@ -302,7 +302,7 @@ def test_export_with_past_matches_huggingface(gpt2_config_file, tmp_path, rng):
     import onnxruntime as ort
     import torch
 
-    from eet.exporter.common import cache_kwargs, output_cache
+    from eet.exporter.common import cache_kwargs, cache_tensors, output_cache
 
     loaded = gpt2.load_gpt2(config=str(gpt2_config_file))
     path = gpt2.export_onnx_with_past(loaded, tmp_path / "with-past.onnx")
@@ -319,14 +319,27 @@ def test_export_with_past_matches_huggingface(gpt2_config_file, tmp_path, rng):
     with torch.no_grad():
         cache = output_cache(model(input_ids=ids, attention_mask=mask[:, :past], position_ids=positions[:, :past],
                                    use_cache=True))
-        feeds = {name: t.numpy() for name, t in zip(gpt2.past_names(LAYERS),
-                                                    [x for layer in cache.layers for x in (layer.keys, layer.values)])}
+        feeds = {name: t.numpy() for name, t in zip(gpt2.past_names(LAYERS), cache_tensors(cache))}
         step = model(input_ids=new, attention_mask=mask, position_ids=positions[:, past:], use_cache=True,
                      **cache_kwargs(model, cache))
     got = session.run(None, {"input_ids": new.numpy(), "attention_mask": mask.numpy(),
                              "position_ids": positions[:, past:].numpy(), **feeds})
-    want = [step.logits[:, -1].numpy()] + [x.numpy() for layer in output_cache(step).layers
-                                            for x in (layer.keys, layer.values)]
+    want = [step.logits[:, -1].numpy()] + [x.numpy() for x in cache_tensors(output_cache(step))]
     assert got[1].shape == (batch, HEADS, past + 1, HEAD_DIM)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
+
+
+def test_cache_tensors_reads_every_cache_form():
+    """Hugging Face KV caches across transformers versions: Cache.layers (>= 4.56), key_cache / value_cache
+    lists (before), and the legacy tuple of (key, value) pairs (GPT-2 under torch.export in 4.48)."""
+    from types import SimpleNamespace
+
+    from eet.exporter.common import cache_tensors
+
+    keys, values = ["k0", "k1"], ["v0", "v1"]
+    want = ["k0", "v0", "k1", "v1"]
+    layers = SimpleNamespace(layers=[SimpleNamespace(keys=k, values=v) for k, v in zip(keys, values)])
+    lists = SimpleNamespace(key_cache=keys, value_cache=values)
+    legacy = tuple(zip(keys, values))
+    assert cache_tensors(layers) == cache_tensors(lists) == cache_tensors(legacy) == want
