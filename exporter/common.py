@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -113,6 +114,17 @@ def cache_tensors(cache) -> list:
     return [t for pair in cache for t in pair[:2]]
 
 
+def export_hint(exc: BaseException) -> str:
+    """A fix for the export failures whose cause is known (with a trailing newline), else ""."""
+    missing = re.search(r"No module named '(onnxscript\._framework_apis\.torch_[\d_]+)'", str(exc))
+    if missing:
+        import torch
+
+        return (f"This torch ({torch.__version__}) needs {missing.group(1)}, which this onnxscript lacks: "
+                "upgrade it (pip install -U 'onnxscript>=0.6').\n")
+    return ""
+
+
 def export(module, args: tuple, path: str | os.PathLike, input_names: Sequence[str], output_names: Sequence[str],
            form: str, what: str, dynamic_shapes=None) -> Path:
     """``torch.onnx.export(dynamo=True)`` of ``module`` with every input's axes 0 and 1 dynamic (or
@@ -142,5 +154,5 @@ def export(module, args: tuple, path: str | os.PathLike, input_names: Sequence[s
                               dynamo=True, external_data=size > 1_800_000_000)
     except Exception as exc:  # the exporter's errors are many and version-specific
         raise EetError(f"torch.onnx.export failed for the {what} ({form} form, opset {opset}): {exc}\n"
-                       f"{log.getvalue()[-2000:]}") from exc
+                       f"{export_hint(exc)}{log.getvalue()[-2000:]}") from exc
     return path

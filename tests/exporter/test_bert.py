@@ -63,3 +63,13 @@ def test_config_and_model_together_refused(tmp_path):
         bert.load_bert(tmp_path, "bert-tiny")
     with pytest.raises(EetError, match="neither a preset"):
         bert.load_bert(config="bert-huge")
+
+
+def test_export_hint_names_the_onnxscript_upgrade():
+    """An onnxscript too old for the installed torch (seen: onnxscript 0.3-0.5.7 under torch 2.13) fails inside
+    torch.onnx.export with a missing framework-API module; the error then says what to upgrade."""
+    from eet.exporter.common import export_hint
+
+    hint = export_hint(ModuleNotFoundError("No module named 'onnxscript._framework_apis.torch_2_11'"))
+    assert "onnxscript._framework_apis.torch_2_11" in hint and "pip install -U 'onnxscript>=0.6'" in hint
+    assert export_hint(RuntimeError("some other export failure")) == ""
