@@ -63,12 +63,14 @@ def check_flat(flat: np.ndarray, lengths: np.ndarray, limits: BertLimits, types:
         raise EetError(found[min(found)])
 
 
-def check_batch(ids: Sequence[Sequence[int]], limits: BertLimits,
-                token_types: Sequence[Sequence[int]] | None = None) -> None:
-    """Raise :class:`EetError` naming the first sequence that the engine cannot take."""
+def check_batch(ids: Sequence[Sequence[int]], limits: BertLimits, token_types: Sequence[Sequence[int]] | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Raise :class:`EetError` naming the first sequence that the engine cannot take; else the batch as
+    :func:`flatten` gives it, (flat ids [T], lengths [B], flat token types [T] or None), for :func:`pack_flat`."""
     flat, lengths = flatten(ids)
     types, type_lengths = (None, None) if token_types is None else flatten(token_types, "token_type_ids sequence")
     check_flat(flat, lengths, limits, types, type_lengths)
+    return flat, lengths, types
 
 
 def plan_calls(lengths: Sequence[int], limits: BertLimits) -> list[tuple[int, int]]:
@@ -308,10 +310,7 @@ class BertEngine(Engine):
         elif any(isinstance(s, str) for s in batch):
             raise EetError("give sequences either all as texts or all as token-id lists, not mixed")
         # every sequence converted to NumPy once: checked as a whole, then sliced per engine call
-        flat, lengths = flatten(batch)
-        types, type_lengths = ((None, None) if token_type_ids is None
-                               else flatten(token_type_ids, "token_type_ids sequence"))
-        check_flat(flat, lengths, self.limits, types, type_lengths)
+        flat, lengths, types = check_batch(batch, self.limits, token_type_ids)
         # with shape buckets, each call leaves room for its fillers (None: the engine is too small for one)
         bucketed = bucket_limits(self.call_limits) if self.shape_buckets else None
         calls = plan_calls(lengths.tolist(), bucketed or self.limits)
