@@ -2,8 +2,11 @@
 on one GPU, the same inputs for all.
 
 BERT (a ragged batch of ``--batch`` sequences with lengths U[``--min-len``, ``--max-len``]):
-  - EET engine: one engine call on the packed batch (device time, CUDA events), and ``encode()`` end to end;
-  - Hugging Face PyTorch (SDPA, the engine's dtype) on the padded batch with its attention mask;
+  - EET engine: one engine call on the packed batch (device time, CUDA events), and ``encode()`` end to end
+    (token-id lists in; NumPy out, and CUDA tensors out with ``output="torch"``);
+  - Hugging Face PyTorch (SDPA, the engine's dtype) on the padded batch with its attention mask: the model call
+    alone (inputs already on the GPU, device time), and end to end as a user writes it (id lists padded and
+    copied in, hidden states copied out to NumPy and cut to each sequence's length);
   - the plain TensorRT engine of the same export without the EET rewrite (``plain.plan``, padded batch with
     the mask; build it with ``eet build bert --plain-baseline``).
   Real tokens/s count the sequences' own tokens only.
@@ -13,7 +16,8 @@ GPT-2 (``--batch`` prompts with lengths U[``--min-len``, ``--max-len``), ``--new
     and one host-driven step with its copies), Hugging Face (one forward with a KV cache of that length), and
     the plain TensorRT engine of the export with the KV cache as inputs and outputs (``plain.plan``, built by
     ``eet build gpt2 --plain-baseline``);
-  - ``generate()``: new tokens/s for the batch, EET vs Hugging Face ``generate`` (greedy, left-padded).
+  - ``generate()``: new tokens/s for the batch, EET vs Hugging Face ``generate`` (greedy, left-padded), with SDPA
+    and with eager attention (the issue's baseline).
 
 Times are medians of ``--iters`` runs after warm-up (CUDA events for device times, perf_counter with a
 synchronize for end-to-end times); ``generate`` (EET and Hugging Face alike) is the median of
@@ -104,21 +108,35 @@ def bench_bert(engine, args, out=print, deserialize_hook=None) -> list[dict]:
     engine.run_packed(feeds)
     ctx = engine.contexts[0]
     eet_ms = median_ms(ctx.execute, args.iters, events=_pycuda_events(engine, ctx))
-    e2e_ms = median_ms(lambda: engine.encode(seqs), max(3, args.iters // 4), sync=ctx.stream.synchronize)
+    e2e_iters = max(3, args.iters // 4)
+    e2e_ms = median_ms(lambda: engine.encode(seqs), e2e_iters, sync=ctx.stream.synchronize)
     rows.append({"case": "EET engine (packed)", "ms": eet_ms})
-    rows.append({"case": "EET encode() end to end (copies, unpacking)", "ms": e2e_ms})
+    rows.append({"case": "EET encode() end to end (id lists in, NumPy out)", "ms": e2e_ms})
     # Hugging Face PyTorch, padded batch with mask
     model, torch = _hf_model(engine.info, engine.info["dtype"])
+    torch_ms = median_ms(lambda: engine.encode(seqs, output="torch"), e2e_iters, sync=torch.cuda.synchronize)
+    rows.append({"case": "EET encode(output='torch') end to end (id lists in, CUDA tensors out)", "ms": torch_ms})
     s = max(lengths)
-    ids = torch.zeros((len(seqs), s), dtype=torch.long)
-    mask = torch.zeros((len(seqs), s), dtype=torch.long)
-    for i, q in enumerate(seqs):
-        ids[i, : len(q)] = torch.tensor(q)
-        mask[i, : len(q)] = 1
-    ids, mask = ids.cuda(), mask.cuda()
+
+    def hf_inputs():
+        ids = torch.zeros((len(seqs), s), dtype=torch.long)
+        mask = torch.zeros((len(seqs), s), dtype=torch.long)
+        for i, q in enumerate(seqs):
+            ids[i, : len(q)] = torch.tensor(q)
+            mask[i, : len(q)] = 1
+        return ids.cuda(), mask.cuda()
+
+    def hf_end_to_end():  # what a Hugging Face user writes for encode(): pad, run, copy out, cut the padding off
+        ids, mask = hf_inputs()
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state.cpu().numpy()
+        return [hidden[i, : len(q)] for i, q in enumerate(seqs)]
+
+    ids, mask = hf_inputs()
     with torch.no_grad():
         hf_ms = median_ms(lambda: model(input_ids=ids, attention_mask=mask), args.iters, events=_torch_events(torch))
+        hf_e2e_ms = median_ms(hf_end_to_end, e2e_iters, sync=torch.cuda.synchronize)
     rows.append({"case": f"Hugging Face PyTorch SDPA ({engine.info['dtype']}, padded)", "ms": hf_ms})
+    rows.append({"case": "Hugging Face end to end (id lists in, padded, NumPy out)", "ms": hf_e2e_ms})
     model = None  # frees the Hugging Face weights before the plain engine loads
     torch.cuda.empty_cache()
     # the plain TensorRT engine (no EET rewrite), padded batch with mask
@@ -224,25 +242,35 @@ def bench_gpt2(engine, args, out=print, deserialize_hook=None) -> list[dict]:
     pids, ppads = left_pad(gen_prompts)
     hmask = (np.arange(pids.shape[1])[None, :] >= ppads[:, None]).astype(np.int64)
     hids, hmask = torch.from_numpy(pids.astype(np.int64)).cuda(), torch.from_numpy(hmask).cuda()
-    with torch.no_grad():
-        def hf_generate():
+    def hf_generate_s() -> float:
+        """Median seconds of GENERATE_RUNS Hugging Face generate runs after a warm-up run."""
+        def run():
             model.generate(hids, attention_mask=hmask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                            pad_token_id=0)
-        hf_generate()
-        torch.cuda.synchronize()
-
-        def hf_generate_s() -> float:
-            t0 = time.perf_counter()
-            hf_generate()
             torch.cuda.synchronize()
-            return time.perf_counter() - t0
 
-        hf_s = statistics.median(hf_generate_s() for _ in range(GENERATE_RUNS))
+        run()
+        times = []
+        for _ in range(GENERATE_RUNS):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    from eet.exporter.common import set_attention
+
+    with torch.no_grad():
+        hf_s = hf_generate_s()
+        set_attention(model, "eager")  # the issue's generate baseline: Hugging Face's eager attention
+        eager_s = hf_generate_s()
+        set_attention(model, "sdpa")
     n_new = batch * new
     gen_rows = [{"case": f"EET generate() ({batch} prompts, +{new} tokens)", "ms": eet_s * 1e3,
-                 "new_tokens_per_s": n_new / eet_s, "speedup_vs_hf": hf_s / eet_s},
+                 "new_tokens_per_s": n_new / eet_s, "speedup_vs_hf": hf_s / eet_s, "speedup_vs_eager": eager_s / eet_s},
                 {"case": f"Hugging Face generate (SDPA, {dtype}, greedy, left-padded)", "ms": hf_s * 1e3,
-                 "new_tokens_per_s": n_new / hf_s, "speedup_vs_hf": 1.0}]
+                 "new_tokens_per_s": n_new / hf_s, "speedup_vs_hf": 1.0},
+                {"case": f"Hugging Face generate (eager attention, {dtype}, greedy, left-padded)", "ms": eager_s * 1e3,
+                 "new_tokens_per_s": n_new / eager_s, "speedup_vs_hf": hf_s / eager_s}]
     return rows + gen_rows
 
 
@@ -304,6 +332,9 @@ def main(argv: list[str] | None = None, deserialize_hook=None) -> int:
             rows = bench_gpt2(engine, args, deserialize_hook=deserialize_hook)
     print(f"kernel specialization: {args.specialization}")
     print(table(rows))
+    for r in rows:
+        if "speedup_vs_eager" in r:
+            print(f"{r['case']}: {r['speedup_vs_eager']:.2f}x Hugging Face generate with eager attention")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -2,6 +2,8 @@
 engines' submit/collect logic on a CPU, where every copy and step runs at once."""
 import numpy as np
 
+from eet.runtime.device import GpuInfo
+
 
 class FakeCuda:
     """PyCUDA's async copies as immediate NumPy copies (device buffers are uint8 arrays)."""
@@ -34,6 +36,7 @@ class FakeEvent:
 
 class FakeDevice:
     cuda = FakeCuda
+    info = GpuInfo(0, "fake GPU", (9, 0))
 
     def event(self):
         return FakeEvent()

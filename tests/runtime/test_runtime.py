@@ -181,6 +181,49 @@ def test_encode_pipelines_its_calls(rng, buckets, room):
         engine.collect_packed(first)
 
 
+def test_encode_output_choices(rng, monkeypatch):
+    """encode(output=...): an unknown choice and output="torch" without PyTorch's CUDA are clear errors, raised
+    before the engine runs; mean_pooled() of NumPy outputs is the float32 mean of each sequence."""
+    import eet.runtime.bert as bert
+
+    limits = BertLimits(max_batch=3, max_tokens=14, max_seq=8, vocab_size=100)
+    engine = fake_bert_engine(limits)
+    seqs = [rng.integers(0, 100, n).tolist() for n in (3, 1, 5)]
+    with pytest.raises(EetError, match=r"output='cupy' is not one of 'numpy', 'torch'"):
+        engine.encode(seqs, output="cupy")
+
+    class NoCuda:
+        __version__ = "9.9+cpu"
+
+        class cuda:
+            @staticmethod
+            def is_available():
+                return False
+
+    monkeypatch.setitem(__import__("sys").modules, "torch", NoCuda)
+    with pytest.raises(EetError, match=r"needs PyTorch with CUDA, and torch 9.9\+cpu sees no GPU .*output='numpy'"):
+        engine.encode(seqs, output="torch")
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # import torch fails
+    with pytest.raises(EetError, match="needs PyTorch, which is not installed"):
+        bert.torch_on(0)
+    assert engine.log == []  # nothing ran
+    out = engine.encode(seqs)
+    expect = np.array([[np.mean(s), (len(s) - 1) / 2] for s in seqs], np.float32)
+    np.testing.assert_allclose(out.mean_pooled(), expect, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 37, 1500])
+def test_copy_rows(rng, rows):
+    """copy_rows: the threaded copy (1500 x 768 fp16 is 2.2 MB, over the one-thread limit) and the plain one give
+    dst == src in every row, and touch nothing outside dst."""
+    from eet.runtime.bert import copy_rows
+
+    src = rng.standard_normal((rows, 768)).astype(np.float16)
+    out = np.full((rows + 2, 768), np.nan, np.float16)
+    copy_rows(out[1:-1], src)
+    assert np.array_equal(out[1:-1], src) and np.isnan(out[[0, -1]]).all()
+
+
 def test_token_buckets():
     assert [token_bucket(n, 16384, 512) for n in (1, 64, 65, 1000, 1100, 9120, 16000)] == [
         64, 64, 128, 1024, 1152, 9216, 16384]

@@ -95,7 +95,10 @@ def test_markdown_table(bench):
            "speedup": "1.98x", "tflops": "-", "bandwidth": "2500 (83.0%)", "diff": "1e-03"}
     table = bench.markdown_table([row], ["sdpa-flash", "sdpa-cudnn"]).splitlines()
     assert table[0].startswith("| case | ours (us) | sdpa-flash (us) | sdpa-cudnn (us) |")
-    assert table[2] == "| decode-1k | 30.1 | n/a (mask) | 59.5 | 1.98x | - | 2500 (83.0%) | 1e-03 |"
+    assert table[2] == "| decode-1k | 30.1 | n/a (mask) | 59.5 | 1.98x | - | 2500 (83.0%) | - | 1e-03 |"
+    row["back_to_back"] = "28.0 us, 2896 (96.0%)"
+    assert bench.markdown_table([row], ["sdpa-cudnn"]).splitlines()[2] == (
+        "| decode-1k | 30.1 | 59.5 | 1.98x | - | 2500 (83.0%) | 28.0 us, 2896 (96.0%) | 1e-03 |")
 
 
 def test_main_without_gpu_is_a_clear_error(bench, capsys):
