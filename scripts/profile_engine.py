@@ -6,7 +6,8 @@ test shim on GPUs it does not list (EET_CC_SHIM, as scripts/with_cc_shim.py).
 
 With ``--layers``, TensorRT's own per-layer times instead (an ``IProfiler`` on the decode / BERT context;
 TensorRT then times every layer of every call, so the total is above the un-profiled step): the N slowest
-layers by mean time (``--layers N``, default 30), with the names TensorRT gave them, which say which ONNX nodes a kernel came from.
+layers by mean time (``--layers N``, default 30), with the names TensorRT gave them, which say which ONNX nodes a
+kernel came from.
 """
 import argparse
 import os

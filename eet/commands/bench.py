@@ -142,7 +142,8 @@ def bench_bert(engine, args, out=print, deserialize_hook=None) -> list[dict]:
     # the plain TensorRT engine (no EET rewrite), padded batch with mask
     if (engine.directory / "plain.plan").is_file():
         host = {"input_ids": ids.cpu().numpy(), "attention_mask": mask.cpu().numpy(),
-                "token_type_ids": np.zeros_like(ids.cpu().numpy()), "position_ids": np.tile(np.arange(s), (len(seqs), 1))}
+                "token_type_ids": np.zeros_like(ids.cpu().numpy()),
+                "position_ids": np.tile(np.arange(s), (len(seqs), 1))}
         plain_ms = plain_engine_ms(engine.directory, lambda names: host, args, deserialize_hook)
         rows.append({"case": "plain TensorRT engine (no EET rewrite, padded)", "ms": plain_ms})
     else:

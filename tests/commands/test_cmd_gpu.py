@@ -88,9 +88,9 @@ def test_bench_command(engines, deserialize_hook, capsys, tmp_path):
     assert bench.main([str(engines["bert", "fp16"]), "--batch", "8", "--max-len", "256", "--iters", "10",
                        "--json", str(tmp_path / "b.json")], deserialize_hook=deserialize_hook) == 0
     rows = json.loads((tmp_path / "b.json").read_text())
-    assert {r["case"].split(" (")[0] for r in rows} >= {"EET engine", "plain TensorRT engine", "EET encode() end to end",
-                                                      "EET encode(output='torch') end to end",
-                                                      "Hugging Face end to end"}
+    assert {r["case"].split(" (")[0] for r in rows} >= {
+        "EET engine", "plain TensorRT engine", "EET encode() end to end", "EET encode(output='torch') end to end",
+        "Hugging Face end to end"}
     assert all(r["ms"] > 0 for r in rows)
     assert bench.main([str(engines["gpt2", "fp16"]), "--batch", "8", "--max-len", "64", "--past", "64",
                        "--new-tokens", "16", "--iters", "10"], deserialize_hook=deserialize_hook) == 0

@@ -44,8 +44,9 @@ def hf_alone(model, prompts, new_tokens):
     import torch
 
     with torch.no_grad():
-        return [model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                               do_sample=False, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+        return [model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                               max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                               pad_token_id=0)[0, len(p):].tolist() for p in prompts]
 
 
 @pytest.mark.parametrize("form", FORMS)

@@ -83,8 +83,9 @@ def hf_alone(model, prompts):
     tokens, logits = [], []
     with torch.no_grad():
         for p in prompts:
-            out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                                 pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+            out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                 max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                                 return_dict_in_generate=True, output_logits=True)
             tokens.append(out.sequences[0, len(p):].tolist())
             logits.append(np.stack([x[0].numpy() for x in out.logits]))
     return tokens, logits
