@@ -305,7 +305,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", help="also write the rows as JSON")
     p.add_argument("--device", type=int, default=0)
     p.add_argument("--cuda-graphs", choices=("auto", "engine", "stream", "off"), default="auto",
-                   help="GPT-2 decode-step capture (see eet.runtime.engine.GRAPH_MODES)")
+                   help="CUDA graphs: the GPT-2 decode step, BERT calls per shape bucket "
+                   "(see eet.runtime.engine.GRAPH_MODES)")
     p.add_argument("--specialization", choices=("auto", "lazy", "eager", "none"), default="eager",
                    help="TensorRT-RTX shape-specialized kernels (eet.runtime.engine.SPECIALIZATION_MODES); default "
                    "eager: every timed shape runs its specialized kernels, as a fixed-shape service gets them")
