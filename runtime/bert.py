@@ -251,8 +251,6 @@ class BertEngine(Engine):
     auto_graphs = "stream"
 
     def __init__(self, *args, **kwargs):
-        self._graphs: dict[tuple[int, int, int], object] = {}  # (tokens, sequences, longest) -> its CUDA graph
-        self._warm: set[tuple[int, int, int]] = set()  # shapes run once (TensorRT has settled their kernels)
         super().__init__(*args, **kwargs)
         build, cfg = self.info["build"], self.info["model"]["config"]
         self.limits = BertLimits(build["max_batch"], build["max_tokens"], build["max_seq"], cfg["vocab_size"],
@@ -271,35 +269,20 @@ class BertEngine(Engine):
             config.cuda_graph_strategy = self.trt.module.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
         return config
 
-    def _release(self) -> None:
-        for graph in self._graphs.values():
-            graph.close()
-        self._graphs.clear()
-
     def graphed(self) -> bool:
         """Whether calls run from CUDA graphs captured per shape (``cuda_graphs`` ``stream`` or ``auto``, with shape
         buckets: without them every call may meet a new shape, and a graph per shape would not pay)."""
         return self.graphs == "stream" and self.shape_buckets
 
     def _execute(self, ctx, shape: tuple[int, int, int]) -> None:
-        """Run the engine once at the input shapes set on ``ctx`` (``shape``: tokens, sequences, longest). With
-        :meth:`graphed`, the first call at a shape runs plainly (TensorRT settles its kernels for the shape), the
-        second captures it into a CUDA graph, and every call after replays that graph: no host work per plugin.
-        (H100, BERT-base fp16, ``encode()`` of 1 x 128 tokens: 3.3-3.5 ms without graphs, 1.2-1.3 ms with; the
-        12 plugins' Python ``enqueue``s had the GPU waiting.)"""
-        if not self.graphed():
+        """Run the engine once at the input shapes set on ``ctx`` (``shape``: tokens, sequences, longest): from
+        the shape's CUDA graph with :meth:`graphed` (:meth:`Engine._launch_graphed`), else plainly. (H100,
+        BERT-base fp16, ``encode()`` of 1 x 128 tokens: 3.3-3.5 ms without graphs, 1.2-1.3 ms with; the 12
+        plugins' Python ``enqueue``s had the GPU waiting.)"""
+        if self.graphed():
+            self._launch_graphed(ctx, shape)
+        else:
             ctx.execute()
-            return
-        graph = self._graphs.get(shape)
-        if graph is None:
-            if shape not in self._warm:
-                self._warm.add(shape)
-                ctx.execute()
-                return
-            from eet.runtime.device import CudaGraph
-
-            graph = self._graphs[shape] = CudaGraph(ctx.stream.handle, ctx.execute)
-        graph.launch()
 
     def _host_buffers(self) -> dict:
         """One set of pinned staging buffers for a call (packed inputs, both outputs)."""

@@ -355,6 +355,8 @@ class Engine:
 
     def __init__(self, directory: Path, info: dict, trt, device, trt_engine, log, graphs: str = "auto",
                  specialization: str = "auto", runtime_cache: Path | None = None, shape_buckets: bool = True):
+        self._graphs: dict = {}  # shape key -> its CUDA graph (_launch_graphed)
+        self._warm: set = set()  # shape keys run once (TensorRT has settled their kernels)
         self.directory, self.info, self.trt, self.device = directory, info, trt, device
         self.trt_engine, self.log = trt_engine, log
         self.shape_buckets = shape_buckets
@@ -432,7 +434,26 @@ class Engine:
         self.device.close()
 
     def _release(self) -> None:
-        """Subclasses free what they hold on the device (graphs) before the contexts go."""
+        """Free what is held on the device besides the contexts and buffers (the CUDA graphs) before they go."""
+        for graph in self._graphs.values():
+            graph.close()
+        self._graphs.clear()
+
+    def _launch_graphed(self, ctx: ProfileContext, key) -> None:
+        """Run ``ctx``'s engine at the shapes set on it, from the CUDA graph of shape ``key`` (``cuda_graphs``
+        ``stream``): the first call at a shape runs plainly (TensorRT settles its kernels for the shape), the
+        second captures ``execute_async_v3`` with the driver's stream capture, and every call after replays the
+        graph (values in the buffers may change; addresses and shapes may not)."""
+        graph = self._graphs.get(key)
+        if graph is None:
+            if key not in self._warm:
+                self._warm.add(key)
+                ctx.execute()
+                return
+            from eet.runtime.device import CudaGraph
+
+            graph = self._graphs[key] = CudaGraph(ctx.stream.handle, ctx.execute)
+        graph.launch()
 
     def save_runtime_cache(self) -> bool:
         """Write the kernels TensorRT-RTX compiled so far to the runtime cache file now (:meth:`close` does it

@@ -60,8 +60,6 @@ class Gpt2Engine(Engine):
     CONTEXT, DECODE = 0, 1
 
     def __init__(self, *args, **kwargs):
-        self._graphs: dict[int, object] = {}
-        self._warm: set[int] = set()
         super().__init__(*args, **kwargs)
         gen = self.info["generation"]
         self.limits = Limits(gen["max_batch"], gen["max_prompt"], gen["max_len"], gen["vocab_size"])
@@ -89,11 +87,6 @@ class Gpt2Engine(Engine):
         if config is not None and profile == self.DECODE and self.graphs == "engine":
             config.cuda_graph_strategy = self.trt.module.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
         return config
-
-    def _release(self) -> None:
-        for graph in self._graphs.values():
-            graph.close()
-        self._graphs.clear()
 
     # ---- one step (the generation loop's step function)
     def __call__(self, ids: np.ndarray, pads: np.ndarray, step: int, extra: dict | None = None):
@@ -142,7 +135,7 @@ class Gpt2Engine(Engine):
         shapes.update({name: (batch,) for name in self.sampling_inputs})
         ctx.set_shapes(shapes)
         if decode and self.graphs == "stream":
-            self._replay(ctx, batch)
+            self._launch_graphed(ctx, batch)  # the decode step's graph per batch size
         else:
             ctx.execute()
         self.download(ctx, "next_token", h["next_token"][:batch])
@@ -161,21 +154,6 @@ class Gpt2Engine(Engine):
     def drain(self) -> None:
         """Wait for every submitted step (their results stay collectable)."""
         self._staging.drain()
-
-    def _replay(self, ctx, batch: int) -> None:
-        """The decode step of ``batch`` rows from its CUDA graph: the first step at a batch size runs plainly
-        (TensorRT settles its kernels for the shapes), the second captures the graph, every step replays it."""
-        from eet.runtime.device import CudaGraph
-
-        graph = self._graphs.get(batch)
-        if graph is None:
-            if batch not in self._warm:
-                self._warm.add(batch)
-                ctx.execute()
-                return
-            graph = self._graphs[batch] = CudaGraph(ctx.stream.handle,
-                                                    lambda: ctx.context.execute_async_v3(ctx.stream.handle))
-        graph.launch()
 
     # ---- warm-up (Engine.warm_up)
     def bucket_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
