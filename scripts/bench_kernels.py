@@ -236,16 +236,7 @@ class Bench:
         torch = self.torch
         if self.args.l2_flush == "write" and self._do_bench is not None:
             return float(self._do_bench(fn, warmup=self.args.warmup, rep=self.args.rep, return_mode="median"))
-        if self._flush is None:
-            self._flush = torch.ones(FLUSH_BYTES // 2, dtype=torch.float16, device="cuda")
-            self._flush_out = torch.empty((), dtype=torch.float16, device="cuda")
-        flush = self._flush
-        if self.args.l2_flush == "read":
-            def clear():
-                torch.amax(flush, dim=0, out=self._flush_out)
-        else:
-            clear = flush.zero_
-
+        clear = self.l2_clear()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         clear()
         start.record()
@@ -269,19 +260,32 @@ class Bench:
         times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
         return times[len(times) // 2]
 
+    def l2_clear(self):
+        """The L2 flush of ``--l2-flush``: reading (default) or zeroing a 256 MiB buffer made on first use."""
+        torch = self.torch
+        if self._flush is None:
+            self._flush = torch.ones(FLUSH_BYTES // 2, dtype=torch.float16, device="cuda")
+            self._flush_out = torch.empty((), dtype=torch.float16, device="cuda")
+        flush, out = self._flush, self._flush_out
+        if self.args.l2_flush == "read":
+            return lambda: torch.amax(flush, dim=0, out=out)
+        return flush.zero_
+
     def back_to_back_ms(self, fns, launches: int = 48, reps: int = 15) -> float:
         """Median time per call of ``launches`` calls queued back to back, cycling over ``fns`` (one per input
         set, enough sets that each call finds its inputs out of L2): the steady state of a kernel inside a
         decode loop, without the timer's and launch's fixed cost that a single timed call carries (an empty
-        kernel times about 4 us with :meth:`time_ms` on an H100). L2 is flushed before each repetition."""
+        kernel times about 4 us with :meth:`time_ms` on an H100). L2 is flushed (:meth:`l2_clear`) before each
+        repetition."""
         torch = self.torch
+        clear = self.l2_clear()
         for fn in fns:
             fn()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         times = []
         for _ in range(reps):
-            torch.amax(self._flush, dim=0, out=self._flush_out)
+            clear()
             start.record()
             for i in range(launches):
                 fns[i % len(fns)]()
