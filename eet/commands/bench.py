@@ -243,20 +243,12 @@ def bench_gpt2(engine, args, out=print, deserialize_hook=None) -> list[dict]:
     pids, ppads = left_pad(gen_prompts)
     hmask = (np.arange(pids.shape[1])[None, :] >= ppads[:, None]).astype(np.int64)
     hids, hmask = torch.from_numpy(pids.astype(np.int64)).cuda(), torch.from_numpy(hmask).cuda()
+
     def hf_generate_s() -> float:
         """Median seconds of GENERATE_RUNS Hugging Face generate runs after a warm-up run."""
-        def run():
-            model.generate(hids, attention_mask=hmask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                           pad_token_id=0)
-            torch.cuda.synchronize()
-
-        run()
-        times = []
-        for _ in range(GENERATE_RUNS):
-            t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return median_ms(lambda: model.generate(hids, attention_mask=hmask, max_new_tokens=new, min_new_tokens=new,
+                                                do_sample=False, pad_token_id=0),
+                         GENERATE_RUNS, warmup=1, sync=torch.cuda.synchronize) / 1e3
 
     from eet.exporter.common import set_attention
 
