@@ -37,7 +37,8 @@
 //    form a cluster; before sm_90 (no clusters) they are independent blocks that leave their
 //    softmax states in the caller's workspace, and prepad_decode_merge_kernel merges them (without
 //    a workspace there is no split). Its valid range [pad, s] is cut on the device into
-//    splits * warps even contiguous shares, one per warp (the last one also takes key s).
+//    splits * warps even contiguous shares, one per warp (the last one also takes key s, and
+//    stores it to the caches from the registers it loaded it into, for every row in range).
 //    A cache row of D elements is kVecs 16-byte vectors; a group of kLanesPerKey lanes (4 or 8)
 //    reads one key row, lane g vectors g, g + G, ... (kVecsPerLane of them, the last slot empty in
 //    some lanes when G does not divide kVecs), so a warp reads 32 / kLanesPerKey adjacent cache
@@ -49,7 +50,8 @@
 //    Otherwise (and for key s, which comes from k and v) the lane issues all its K and V loads of
 //    an iteration (16-byte read-only path or element by element) before using any; q,
 //    key s and the first cache keys go out together. Dot products are reduced over the group's lanes
-//    by xor-shuffles; each group keeps its own online-softmax state (m, l and its lanes' slices of O in fp32 registers). At the end the
+//    by xor-shuffles; each group keeps its own online-softmax state (m, l and its lanes' slices of O
+//    in fp32 registers). At the end the
 //    groups of a warp are merged by shuffles, the warps of a block through shared memory, the
 //    blocks of a cluster in its first block (each block stores its (m, l, O) into the first block's
 //    shared memory, distributed shared memory: no workspace) or, workspace split, by the merge
@@ -167,6 +169,20 @@ __device__ __forceinline__ uint4 load_raw16(const T* __restrict__ p, bool vec) {
   uint4 r;
   memcpy(&r, tmp, sizeof(r));
   return r;
+}
+
+// Stores a raw 16-byte vector (load_raw16's inverse): one 16-byte store when vec, else element by element.
+template <typename T>
+__device__ __forceinline__ void store_raw16(T* __restrict__ p, const uint4& r, bool vec) {
+  constexpr int E = VecTraits<T>::kElems;
+  if (vec) {
+    *reinterpret_cast<uint4*>(p) = r;
+    return;
+  }
+  T tmp[E];
+  memcpy(tmp, &r, sizeof(r));
+#pragma unroll
+  for (int e = 0; e < E; ++e) p[e] = tmp[e];
 }
 
 // The kElems elements of a raw 16-byte vector as floats.
@@ -709,6 +725,19 @@ __device__ __forceinline__ void decode_load(const T* __restrict__ k_rows,
   });
 }
 
+// Writes the key and value that decode_load(k_new, v_new, count = 1, ...) left in r (key 0: the lanes of group
+// 0) to cache rows k_row / v_row; vec: k, v and the caches allow 16-byte accesses (as for that load).
+template <typename T, int D>
+__device__ __forceinline__ void decode_append(T* __restrict__ k_row, T* __restrict__ v_row, bool vec, int g,
+                                              int grp, const DecodeRegs<T, D>& r) {
+  decode_for_vectors<T, D>(1, g, grp, [&](int u, int v, bool ok, int64_t off) {
+    if (ok) {
+      store_raw16(k_row + off, r.k[u][v], vec);
+      store_raw16(v_row + off, r.v[u][v], vec);
+    }
+  });
+}
+
 // decode_load into the shared-memory ring instead of registers: cp.async of the same vectors (zero
 // fill for keys i >= count and empty slots) into this lane's slots of one stage (vec only), tagged
 // with the L2 `policy` (evict first: a step reads each cache key once, and the layers' kernels that
@@ -810,7 +839,6 @@ __global__ void __launch_bounds__(DecodeConfig<T, D>::kMaxThreads, DecodeConfig<
   constexpr int E = Cfg::kElems;
   constexpr int G = Cfg::kLanesPerKey;
   constexpr int NV = Cfg::kVecsPerLane;
-  constexpr int kVecs = Cfg::kVecs;
   constexpr int kW = Cfg::kMaxWarps;
   constexpr int kS = Cfg::kMaxSplits;
   constexpr unsigned kFull = 0xffffffffu;
@@ -860,12 +888,17 @@ __global__ void __launch_bounds__(DecodeConfig<T, D>::kMaxThreads, DecodeConfig<
 
     // This warp's keys [lo, hi): part `part` of `parts` even shares of [pad, n_end). Keys before
     // the pad are never read; key s is read from k / v (by the last part), the others (< s) from
-    // the caches, which this launch does not write there: no ordering between blocks is needed (and
-    // the append of key s to the caches waits until this block's loads are out, after the keys).
+    // the caches, which this launch writes only at position s: no ordering between blocks is needed (the
+    // last part stores key s to the caches once its own cache loads are out).
     const int n_start = max(__ldg(a.pad_lengths + b), 0);
     const int64_t len = n_end > n_start ? n_end - n_start : 0;
     const int lo = n_start + static_cast<int>(len * part / parts);
     const int hi = n_start + static_cast<int>(len * (part + 1) / parts);
+    // The last part appends key s to the caches (every row, padded ones too), from the registers its fold of
+    // key s reads too (the last part owns key s whenever the row has keys): no load after the keys.
+    const bool appender = in_range && part == parts - 1;  // warp-uniform
+    DecodeRegs<T, D> fresh;
+    if (appender) decode_load<T, D>(k_new, v_new, 1, new_vec, g, grp, fresh);
 
     float o[NV][E];
     float m = -INFINITY;  // the group's running max (identical in its lanes)
@@ -887,8 +920,6 @@ __global__ void __launch_bounds__(DecodeConfig<T, D>::kMaxThreads, DecodeConfig<
         qr[v] = decode_slot<Cfg>(v, g) ? load_raw16(q + (v * G + g) * E, vec)
                                        : make_uint4(0u, 0u, 0u, 0u);
       }
-      DecodeRegs<T, D> fresh;
-      if (owns_s) decode_load<T, D>(k_new, v_new, 1, new_vec, g, grp, fresh);
       DecodeRegs<T, D> r;
       // The ring: this warp's `stages` stages; iteration j of [lo, cache_hi) lives in stage j % stages.
       const int stages = a.decode_pipe;      // block-uniform
@@ -922,6 +953,8 @@ __global__ void __launch_bounds__(DecodeConfig<T, D>::kMaxThreads, DecodeConfig<
         for (int e = 0; e < E; ++e) qf[v][e] *= a.scale_log2;
       }
       if (owns_s) decode_fold<T, D>(fresh, 1, grp, qf, m, l, o);
+      // After the cache loads went out; nothing in this launch reads cache position s.
+      if (appender) decode_append<T, D>(k_head + s * D, v_head + s * D, new_vec, g, grp, fresh);
       if (pipe) {
         for (int j = 0; j < iters; ++j) {
           if (stages == 3) {
@@ -956,23 +989,8 @@ __global__ void __launch_bounds__(DecodeConfig<T, D>::kMaxThreads, DecodeConfig<
       }
     }
 
-    if (split == 0 && in_range) {  // the append, for every row (padded ones too)
-      T* kc = k_head + s * D;
-      T* vc = v_head + s * D;
-      if (new_vec) {
-        if (threadIdx.x < kVecs) {
-          reinterpret_cast<uint4*>(kc)[threadIdx.x] = __ldg(reinterpret_cast<const uint4*>(k_new) +
-                                                            threadIdx.x);
-          reinterpret_cast<uint4*>(vc)[threadIdx.x] = __ldg(reinterpret_cast<const uint4*>(v_new) +
-                                                            threadIdx.x);
-        }
-      } else {
-        for (int e = threadIdx.x; e < D; e += blockDim.x) {
-          kc[e] = k_new[e];
-          vc[e] = v_new[e];
-        }
-      }
-    }
+    // A row without keys (its pad past the step) still gets key s appended.
+    if (appender && lo >= hi) decode_append<T, D>(k_head + s * D, v_head + s * D, new_vec, g, grp, fresh);
 
     // Merge the groups of the warp: lanes with the same g hold the same slice of O.
     float m_w = m;
