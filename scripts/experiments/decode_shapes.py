@@ -1,85 +1,127 @@
-"""Times eet_prepad_attention's decode on several shapes with the library at EET_KERNELS_LIB; one line per case,
-tagged with the first argument. For A/B runs of two builds in alternating processes, e.g.:
+"""Times eet_prepad_attention's decode (fp16, 12 heads, head dim 64) with the library at EET_KERNELS_LIB.
+
+Timer as ``scripts/bench_kernels.py``'s: L2 flushed before every call by reading a 256 MiB buffer, CUDA events,
+median of 300 calls (us). Run from the repository root on a GPU machine.
+
+``python3 scripts/experiments/decode_shapes.py TAG`` prints one line per shape, tagged TAG: for A/B runs of two
+builds in alternating processes, e.g.::
 
     for i in 1 2 3; do
       EET_KERNELS_LIB=/tmp/old/libeet_kernels.so python3 scripts/experiments/decode_shapes.py old$i
       EET_KERNELS_LIB=/tmp/new/libeet_kernels.so python3 scripts/experiments/decode_shapes.py new$i
     done | sort -k2,2 -k1,1
 
-Timer as bench_kernels (read flush, CUDA events, medians of 300); fp16, 12 heads, head dim 64.
+``python3 scripts/experiments/decode_shapes.py --balance`` asks whether row-length imbalance costs time:
+decode-1k's pads (bench_kernels' draw, seed 0) against the same pads sorted both ways, equal pads with the same
+bytes, and full rows of 513 and 1024 keys, three rounds in one process.
 """
 
-import os, random, statistics, sys
+import os
+import random
+import statistics
+import sys
+
 import torch
 
 sys.path.insert(0, os.getcwd())
-from eet.plugins import _lib
+from eet.plugins import _lib  # noqa: E402
 
 H, D = 12, 64
-flush = torch.ones((256 << 20) // 2, dtype=torch.float16, device="cuda")
-fo = torch.empty((), dtype=torch.float16, device="cuda")
 
 
-def t(fn, reps=300):
-    st = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    en = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for _ in range(20):
+def median_us(fn, reps=300, warmup=20, clear=None):
+    """Median time of fn in us over ``reps`` calls, CUDA events around each; ``clear()`` runs before each."""
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for _ in range(warmup):
         fn()
     for i in range(reps):
-        torch.amax(flush, dim=0, out=fo)
-        st[i].record()
+        if clear is not None:
+            clear()
+        starts[i].record()
         fn()
-        en[i].record()
+        ends[i].record()
     torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) * 1000 for a, b in zip(st, en))
+    return statistics.median(a.elapsed_time(b) * 1000 for a, b in zip(starts, ends))
 
 
-def case(B, L, s, pads):
+def l2_flush():
+    """bench_kernels' default flush: reading a 256 MiB buffer."""
+    buf = torch.ones((256 << 20) // 2, dtype=torch.float16, device="cuda")
+    out = torch.empty((), dtype=torch.float16, device="cuda")
+    return lambda: torch.amax(buf, dim=0, out=out)
+
+
+def decode_call(B, L, s, pads):
+    """A decode call at step s over fresh random caches [B, H, L, D] with these pads; returns (fn, valid KV
+    bytes). The tensors it uses are kept on fn."""
     kc = torch.randn(B, H, L, D, device="cuda", dtype=torch.float16)
     vc = torch.randn_like(kc)
     q, k, v = (torch.randn(B, 1, H * D, device="cuda", dtype=torch.float16) for _ in range(3))
     out = torch.empty_like(q)
     pd = torch.tensor(pads, dtype=torch.int32, device="cuda")
     sd = torch.tensor([s], dtype=torch.int32, device="cuda")
-    prm = _lib.make_prepad_params(
-        dtype=_lib.DTYPE_FP16,
-        num_heads=H,
-        head_dim=D,
-        batch=B,
-        seq=1,
-        max_len=L,
-        q=q.data_ptr(),
-        k=k.data_ptr(),
-        v=v.data_ptr(),
-        out=out.data_ptr(),
-        k_cache=kc.data_ptr(),
-        v_cache=vc.data_ptr(),
-        pad_lengths=pd.data_ptr(),
-        step=sd.data_ptr(),
-    )
-    st = torch.cuda.current_stream().cuda_stream
-    r = t(lambda: _lib.prepad_attention(prm, st))
-    nbytes = 2 * sum(s + 1 - min(p, s + 1) for p in pads) * H * D * 2
-    del kc, vc
-    torch.cuda.empty_cache()
-    return r, nbytes
+    ptr = {n: t.data_ptr() for n, t in dict(q=q, k=k, v=v, out=out, k_cache=kc, v_cache=vc).items()}
+    prm = _lib.make_prepad_params(dtype=_lib.DTYPE_FP16, num_heads=H, head_dim=D, batch=B, seq=1, max_len=L,
+                                  pad_lengths=pd.data_ptr(), step=sd.data_ptr(), **ptr)
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def fn():
+        _lib.prepad_attention(prm, stream)
+
+    fn.keep = (kc, vc, q, k, v, out, pd, sd)
+    return fn, 2 * sum(s + 1 - min(max(p, 0), s + 1) for p in pads) * H * D * 2
 
 
 def draw(name, B, lo, hi):
+    """bench_kernels' pads for case ``name`` at seed 0."""
     rng = random.Random(f"0:{name}")
     return [rng.randrange(lo, hi) for _ in range(B)]
 
 
-rg = random.Random(1)
-cases = {
-    "decode-1k": (32, 1024, 1023, draw("decode-1k", 32, 0, 512)),
-    "decode-4k": (32, 4096, 4095, draw("decode-4k", 32, 0, 2048)),
-    "decode-b128": (128, 512, 511, draw("decode-b128", 128, 0, 256)),
-    "gpt2-step": (32, 1024, 512, [0] * 32),
-    "ragged-600": (32, 1024, 600, [rg.randrange(0, 496) for _ in range(32)]),
-    "b1-4k": (1, 4096, 4095, [0]),
-}
-tag = sys.argv[1]
-for n, c in cases.items():
-    r, nb = case(*c)
-    print(f"{tag} {n:12s} {r:7.2f} us {nb / r / 1e3:6.0f} GB/s", flush=True)
+def shapes(tag):
+    rg = random.Random(1)
+    cases = {
+        "decode-1k": (32, 1024, 1023, draw("decode-1k", 32, 0, 512)),
+        "decode-4k": (32, 4096, 4095, draw("decode-4k", 32, 0, 2048)),
+        "decode-b128": (128, 512, 511, draw("decode-b128", 128, 0, 256)),
+        "gpt2-step": (32, 1024, 512, [0] * 32),
+        "ragged-600": (32, 1024, 600, [rg.randrange(0, 496) for _ in range(32)]),
+        "b1-4k": (1, 4096, 4095, [0]),
+    }
+    clear = l2_flush()
+    for name, c in cases.items():
+        fn, nbytes = decode_call(*c)
+        r = median_us(fn, clear=clear)
+        print(f"{tag} {name:12s} {r:7.2f} us {nbytes / r / 1e3:6.0f} GB/s", flush=True)
+        del fn
+        torch.cuda.empty_cache()
+
+
+def balance():
+    B, L = 32, 1024
+    pads = draw("decode-1k", B, 0, 512)
+    cases = {
+        "decode-1k pads": pads,
+        "sorted: long rows first": sorted(pads),
+        "sorted: short rows first": sorted(pads, reverse=True),
+        "equal pads (same bytes)": [round(sum(pads) / B)] * B,
+        "all 513 keys": [511] * B,
+        "all 1024 keys": [0] * B,
+    }
+    calls = {n: decode_call(B, L, L - 1, p) for n, p in cases.items()}
+    clear = l2_flush()
+    res = {n: [] for n in cases}
+    for _ in range(3):
+        for n, (fn, _) in calls.items():
+            res[n].append(median_us(fn, reps=200, clear=clear))
+    for n, (_, nbytes) in calls.items():
+        times = " / ".join(f"{x:.1f}" for x in res[n])
+        print(f"{n:28s} {nbytes / 1e6:6.1f} MB  {times} us  {nbytes / statistics.median(res[n]) / 1e3:.0f} GB/s")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--balance"]:
+        balance()
+    else:
+        shapes(sys.argv[1] if len(sys.argv) > 1 else "run")

@@ -18,12 +18,16 @@ policy 0 = none, 1 = evict_last, 2 = evict_normal; warps = the decode kernel's w
 Prints medians (us) of single graph replays and of 20 back to back, three rounds. Results: README.
 """
 
-import ctypes, sys, statistics, os
+import ctypes
+import os
+import sys
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.getcwd())
-from eet.plugins import _lib
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from eet.plugins import _lib  # noqa: E402
+from decode_shapes import median_us  # noqa: E402
 
 pf = ctypes.CDLL(os.environ["PF_LIB"])
 
@@ -172,19 +176,8 @@ def graph_of(fn):
 
 
 def time_graph(gr, n=40):
-    ts = []
-    for _ in range(5):
-        gr.replay()
-    torch.cuda.synchronize()
-    for _ in range(n):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        gr.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1000)
-    return statistics.median(ts)
+    """Median of n single replays (us), CUDA events around each."""
+    return median_us(gr.replay, reps=n, warmup=5)
 
 
 def time_graph_b2b(gr, n=20):
