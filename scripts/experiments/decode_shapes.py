@@ -4,12 +4,7 @@ Timer as ``scripts/bench_kernels.py``'s: L2 flushed before every call by reading
 median of 300 calls (us). Run from the repository root on a GPU machine.
 
 ``python3 scripts/experiments/decode_shapes.py TAG`` prints one line per shape, tagged TAG: for A/B runs of two
-builds in alternating processes, e.g.::
-
-    for i in 1 2 3; do
-      EET_KERNELS_LIB=/tmp/old/libeet_kernels.so python3 scripts/experiments/decode_shapes.py old$i
-      EET_KERNELS_LIB=/tmp/new/libeet_kernels.so python3 scripts/experiments/decode_shapes.py new$i
-    done | sort -k2,2 -k1,1
+builds in alternating processes (``decode_ab.sh`` does that for a patch against the checkout).
 
 ``python3 scripts/experiments/decode_shapes.py --balance`` asks whether row-length imbalance costs time:
 decode-1k's pads (bench_kernels' draw, seed 0) against the same pads sorted both ways, equal pads with the same
