@@ -299,14 +299,19 @@ class Bench:
 
     def ceilings(self):
         torch = self.torch
-        a = torch.randn(GEMM_N, GEMM_N, device="cuda", dtype=torch.float16)
-        b = torch.randn(GEMM_N, GEMM_N, device="cuda", dtype=torch.float16)
-        gemm_ms = self.time_ms(lambda: torch.matmul(a, b))
-        del a, b
-        src = torch.rand(COPY_BYTES // 2, device="cuda", dtype=torch.float32).to(torch.float16)
-        dst = torch.empty_like(src)
-        copy_ms = self.time_ms(lambda: dst.copy_(src))
-        del src, dst
+
+        def gemm():  # its operands are freed when it returns
+            a = torch.randn(GEMM_N, GEMM_N, device="cuda", dtype=torch.float16)
+            b = torch.randn(GEMM_N, GEMM_N, device="cuda", dtype=torch.float16)
+            return self.time_ms(lambda: torch.matmul(a, b))
+
+        def copy():
+            src = torch.rand(COPY_BYTES // 2, device="cuda", dtype=torch.float32).to(torch.float16)
+            dst = torch.empty_like(src)
+            return self.time_ms(lambda: dst.copy_(src))
+
+        gemm_ms = gemm()
+        copy_ms = copy()
         torch.cuda.empty_cache()
         return {
             "gemm_fp16_tflops": gemm_flops(GEMM_N) / (gemm_ms * 1e-3) / 1e12,
