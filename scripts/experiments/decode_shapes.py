@@ -19,6 +19,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench_kernels import CASES, decode_kv_bytes, draw_lengths  # noqa: E402
 from eet.plugins import _lib  # noqa: E402
 
 H, D = 12, 64
@@ -65,21 +67,15 @@ def decode_call(B, L, s, pads):
         _lib.prepad_attention(prm, stream)
 
     fn.keep = (kc, vc, q, k, v, out, pd, sd)
-    return fn, 2 * sum(s + 1 - min(max(p, 0), s + 1) for p in pads) * H * D * 2
-
-
-def draw(name, B, lo, hi):
-    """bench_kernels' pads for case ``name`` at seed 0."""
-    rng = random.Random(f"0:{name}")
-    return [rng.randrange(lo, hi) for _ in range(B)]
+    return fn, decode_kv_bytes(pads, s, H, D, 2)
 
 
 def shapes(tag):
     rg = random.Random(1)
     cases = {
-        "decode-1k": (32, 1024, 1023, draw("decode-1k", 32, 0, 512)),
-        "decode-4k": (32, 4096, 4095, draw("decode-4k", 32, 0, 2048)),
-        "decode-b128": (128, 512, 511, draw("decode-b128", 128, 0, 256)),
+        "decode-1k": (32, 1024, 1023, draw_lengths(CASES["decode-1k"], 0)),
+        "decode-4k": (32, 4096, 4095, draw_lengths(CASES["decode-4k"], 0)),
+        "decode-b128": (128, 512, 511, draw_lengths(CASES["decode-b128"], 0)),
         "gpt2-step": (32, 1024, 512, [0] * 32),
         "ragged-600": (32, 1024, 600, [rg.randrange(0, 496) for _ in range(32)]),
         "b1-4k": (1, 4096, 4095, [0]),
@@ -95,7 +91,7 @@ def shapes(tag):
 
 def balance():
     B, L = 32, 1024
-    pads = draw("decode-1k", B, 0, 512)
+    pads = draw_lengths(CASES["decode-1k"], 0)
     cases = {
         "decode-1k pads": pads,
         "sorted: long rows first": sorted(pads),
