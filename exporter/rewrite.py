@@ -11,11 +11,14 @@ its anchor (a ``Softmax`` or an ONNX ``Attention`` node), never by tensor names:
 Q, K and V are traced back through head-splitting layout ops (Reshape, Transpose, Squeeze, Unsqueeze,
 Identity; scalar Mul/Div folded into the scale) to the projections ``[B, S, hidden]``; the output is traced
 forward through the head-merging Transpose/Reshape to ``[B, S, hidden]``. The whole subgraph becomes one
-``EetVarlenAttention`` node reading the projections and ``cu_seqlens``, and the mask computation dies.
+``EetVarlenAttention`` node reading the projections (fused, below) and ``cu_seqlens``; the mask computation dies.
 
-GPT-2 (:func:`rewrite_gpt2`) gets one ``EetPrePadAttention`` node per layer instead, which reads q, k and v
-from one fused tensor: the output of GPT-2's ``c_attn`` that the export cuts into thirds (:func:`fused_qkv`),
-or a ``Concat`` of the three projections where no such cut is found.
+The plugin reads q, k and v from one fused tensor ``[..., 3 * hidden]`` (:func:`qkv_input`): BERT's three
+``Linear`` projections of one activation become one (:func:`fuse_projections`: concatenated weights and
+biases, so one GEMM with its bias add instead of three of each); GPT-2's ``c_attn`` output, which the export
+cuts into thirds, is taken uncut (:func:`fused_qkv`); anything else is concatenated.
+
+GPT-2 (:func:`rewrite_gpt2`) gets one ``EetPrePadAttention`` node per layer instead, with the same fused input.
 """
 from __future__ import annotations
 
@@ -314,13 +317,14 @@ def _rewire(graph, match: AttentionMatch, out, hidden: int, index: int):
 
 def replace_attention(graph, match: AttentionMatch, index: int, cu_seqlens, max_seqlen, num_heads: int,
                       head_dim: int):
-    """Replace one matched attention by an ``EetVarlenAttention`` node; the old subgraph is left dead for
-    ``graph.cleanup()``."""
+    """Replace one matched attention by an ``EetVarlenAttention`` node reading q, k and v from one fused tensor
+    (:func:`qkv_input`); the old subgraph is left dead for ``graph.cleanup()``."""
     import onnx_graphsurgeon as gs
 
     out = gs.Variable(f"eet_attention_{index}", dtype=match.context.dtype)
+    qkv = qkv_input(graph, match, index, num_heads * head_dim)
     node = VARLEN_ATTENTION.make_node(
-        gs, [match.query, match.key, match.value, cu_seqlens, max_seqlen], [out],
+        gs, [qkv, cu_seqlens, max_seqlen], [out],
         dict(num_heads=num_heads, head_dim=head_dim, scale=match.scale), name=f"EetVarlenAttention_{index}")
     graph.nodes.append(node)
     _rewire(graph, match, out, num_heads * head_dim, index)
@@ -431,13 +435,68 @@ def fused_qkv(match: AttentionMatch, hidden: int):
     return None
 
 
+def _projection(tensor):
+    """``(x, weight [k, n], bias [n])`` when ``tensor`` is ``MatMul(x, W)`` with a constant 2-D ``W``, plus a constant
+    bias of n values (the ``Add``'s operands either way round; no ``Add``: a bias of zeros); else None."""
+    node, bias = _producer(tensor), None
+    if node is not None and node.op == "Add" and len(node.inputs) == 2:
+        for product, other in (node.inputs, node.inputs[::-1]):
+            matmul, values = _producer(product), _constant_values(other)
+            if matmul is not None and matmul.op == "MatMul" and values is not None:
+                node, bias = matmul, values
+                break
+        else:
+            return None
+    if node is None or node.op != "MatMul" or len(node.inputs) != 2:
+        return None
+    weight = _constant_values(node.inputs[1])
+    if weight is None or weight.ndim != 2:
+        return None
+    if bias is None:
+        bias = np.zeros(weight.shape[1], weight.dtype)
+    if bias.size != weight.shape[1] or bias.dtype != weight.dtype:
+        return None
+    return node.inputs[0], weight, bias.reshape(-1)
+
+
+def fuse_projections(graph, match: AttentionMatch, index: int, hidden: int):
+    """One projection for ``match``'s query, key and value when they are three of the same activation, found by
+    structure (:func:`_projection`: ``x @ Wq + bq``, ``x @ Wk + bk``, ``x @ Wv + bv``, constant weights
+    [k, hidden] and biases): ``x @ [Wq | Wk | Wv] + [bq | bk | bv]``, the fused ``[..., 3 * hidden]`` tensor the
+    attention plugin reads in place. The three projections die with the old attention (unless something else
+    reads them). Returns the fused tensor, or None where the projections are not of that form."""
+    import onnx_graphsurgeon as gs
+
+    parts = [_projection(t) for t in (match.query, match.key, match.value)]
+    if any(p is None for p in parts) or any(p[0] is not parts[0][0] for p in parts):
+        return None
+    x, weights, biases = parts[0][0], [p[1] for p in parts], [p[2] for p in parts]
+    if any(w.shape != (weights[0].shape[0], hidden) or w.dtype != weights[0].dtype for w in weights):
+        return None
+    weight = gs.Constant(f"eet_attention_{index}_qkv_weight", np.ascontiguousarray(np.concatenate(weights, axis=1)))
+    bias = gs.Constant(f"eet_attention_{index}_qkv_bias", np.ascontiguousarray(np.concatenate(biases)))
+    product = gs.Variable(f"eet_attention_{index}_qkv_product", dtype=match.query.dtype)
+    qkv = gs.Variable(f"eet_attention_{index}_qkv", dtype=match.query.dtype)
+    graph.nodes.append(gs.Node("MatMul", name=f"eet_attention_{index}_qkv_projection", inputs=[x, weight],
+                               outputs=[product]))
+    graph.nodes.append(gs.Node("Add", name=f"eet_attention_{index}_qkv_bias_add", inputs=[product, bias],
+                               outputs=[qkv]))
+    return qkv
+
+
 def qkv_input(graph, match: AttentionMatch, index: int, hidden: int):
-    """The ``qkv`` input of layer ``index``'s ``EetPrePadAttention``: the fused projection the query, key and
-    value were cut from (:func:`fused_qkv`; the cut then dies and the kernel reads the thirds in place), else a
-    ``Concat`` of the three on the last axis (correct, but one copy)."""
+    """The ``qkv`` input of layer ``index``'s attention plugin, in the first form that applies:
+
+    1. the fused projection the query, key and value were cut from (:func:`fused_qkv`, GPT-2's ``c_attn``; the
+       cut then dies and the kernel reads the thirds in place);
+    2. one projection made of the three (:func:`fuse_projections`, BERT's query, key and value ``Linear`` layers:
+       one GEMM with its bias instead of three GEMMs and three bias adds);
+    3. a ``Concat`` of the three on the last axis (correct, but one copy)."""
     import onnx_graphsurgeon as gs
 
     fused = fused_qkv(match, hidden)
+    if fused is None:
+        fused = fuse_projections(graph, match, index, hidden)
     if fused is not None:
         return fused
     qkv = gs.Variable(f"eet_attention_{index}_qkv", dtype=match.query.dtype)

@@ -35,33 +35,32 @@ def check_cu_seqlens(cu_seqlens: np.ndarray, total_tokens: int, max_seqlen: int 
     return lengths
 
 
-def varlen_attention(query: np.ndarray, key: np.ndarray, value: np.ndarray, cu_seqlens: np.ndarray,
-                     max_seqlen: np.ndarray | int, *, num_heads: int, head_dim: int, scale: float,
-                     accumulate=np.float64) -> np.ndarray:
+def varlen_attention(qkv: np.ndarray, cu_seqlens: np.ndarray, max_seqlen: np.ndarray | int, *, num_heads: int,
+                     head_dim: int, scale: float, accumulate=np.float64) -> np.ndarray:
     """Reference of ``EetVarlenAttention`` (see :data:`eet.plugins.spec.VARLEN_ATTENTION`).
 
     Args:
-        query, key, value: float arrays [..., T, num_heads * head_dim] (the leading axes multiply to T).
+        qkv: float array [..., T, 3 * hidden] (hidden = num_heads * head_dim; the leading axes multiply to T):
+            queries, keys, values in that order along the last axis, each head-major.
         cu_seqlens: int32 [B + 1].
         max_seqlen: the shape carrier [S] (only its length is used) or S itself.
         num_heads, head_dim, scale: the node's attributes.
         accumulate: the dtype of the arithmetic (float64 for an oracle, float32 to mimic the kernel).
 
     Returns:
-        The context, same shape and dtype as ``query``.
+        The context [..., T, hidden] (qkv's leading axes) in qkv's dtype.
     """
     hidden = num_heads * head_dim
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim {head_dim} is not supported; supported: {HEAD_DIMS}")
-    if query.shape[-1] != hidden or key.shape != query.shape or value.shape != query.shape:
-        raise ValueError(f"query/key/value must share the shape [..., T, {hidden}], got "
-                         f"{query.shape}, {key.shape}, {value.shape}")
-    total = int(np.prod(query.shape[:-1]))
+    if qkv.ndim < 2 or qkv.shape[-1] != 3 * hidden:
+        raise ValueError(f"qkv must be [..., T, 3 * {hidden}] (queries, keys, values of {num_heads} heads of "
+                         f"{head_dim}), got {qkv.shape}")
+    total = int(np.prod(qkv.shape[:-1]))
     limit = max_seqlen if isinstance(max_seqlen, (int, np.integer)) else np.asarray(max_seqlen).shape[0]
     lengths = check_cu_seqlens(cu_seqlens, total, int(limit))
-    q = query.reshape(total, num_heads, head_dim).astype(accumulate)
-    k = key.reshape(total, num_heads, head_dim).astype(accumulate)
-    v = value.reshape(total, num_heads, head_dim).astype(accumulate)
+    rows = qkv.reshape(total, 3, num_heads, head_dim).astype(accumulate)
+    q, k, v = rows[:, 0], rows[:, 1], rows[:, 2]
     out = np.empty_like(q)
     start = 0
     for length in lengths.tolist():
@@ -74,7 +73,7 @@ def varlen_attention(query: np.ndarray, key: np.ndarray, value: np.ndarray, cu_s
         p = np.exp(scores)
         p /= p.sum(axis=-1, keepdims=True)
         out[sl] = np.einsum("hqk,khd->qhd", p, v[sl])
-    return out.reshape(query.shape).astype(query.dtype)
+    return out.reshape(*qkv.shape[:-1], hidden).astype(qkv.dtype)
 
 
 def prepad_attention(qkv: np.ndarray, pad_lengths: np.ndarray, step: np.ndarray, key_cache: np.ndarray,

@@ -114,26 +114,28 @@ class PluginSpec:
 
 VARLEN_ATTENTION = PluginSpec(
     name="EetVarlenAttention",
-    version="1",
+    version="2",
     doc=(
         "Padding-free bidirectional multi-head attention over packed sequences (EET, BERT). Sequence b owns "
         "token rows [cu_seqlens[b], cu_seqlens[b+1]); a token attends to every token of its own sequence and "
         "to nothing else. No work is spent on padding: there is none. Softmax statistics and accumulation "
-        "are fp32 for fp16 inputs too."
+        "are fp32 for fp16 inputs too. Queries, keys and values come fused in one tensor (the output of one "
+        "projection with the three weights side by side), which the kernel reads in place with row stride "
+        "3 * num_heads * head_dim. Version 2: version 1 took query, key and value as three inputs."
     ),
     inputs=(
-        TensorSpec("query", ("float32", "float16"), "[..., T, num_heads * head_dim]",
-                   "projected queries, head-major in the last axis; leading axes multiply to T tokens"),
-        TensorSpec("key", ("float32", "float16"), "[..., T, num_heads * head_dim]", "projected keys", like=0),
-        TensorSpec("value", ("float32", "float16"), "[..., T, num_heads * head_dim]", "projected values", like=0),
+        TensorSpec("qkv", ("float32", "float16"), "[..., T, 3 * num_heads * head_dim]",
+                   "projected queries, keys and values, fused in the last axis: queries in [0, hidden), keys in "
+                   "[hidden, 2 * hidden), values in [2 * hidden, 3 * hidden) with hidden = num_heads * head_dim, "
+                   "each head-major; leading axes multiply to T tokens"),
         TensorSpec("cu_seqlens", ("int32",), "[B + 1]",
                    "cumulative sequence lengths: 0, l0, l0+l1, ..., T (non-decreasing)"),
         TensorSpec("max_seqlen", ("int32",), "[S]",
                    "shape carrier: its length S bounds every sequence length; its values are not read"),
     ),
     outputs=(
-        TensorSpec("context", ("float32", "float16"), "same as query",
-                   "attention output, heads concatenated in the last axis", like=0),
+        TensorSpec("context", ("float32", "float16"), "[..., T, num_heads * head_dim]",
+                   "attention output, heads concatenated in the last axis; leading axes as qkv's", like=0),
     ),
     attributes=(
         AttrSpec("num_heads", "int", "number of attention heads"),

@@ -113,8 +113,9 @@ def make_classes(trt):
             return self.clone()
 
     class VarlenAttentionPlugin(_SpecPlugin):
-        """``EetVarlenAttention``: inputs query, key, value [..., T, hidden], cu_seqlens [B+1] int32,
-        max_seqlen carrier [S]; output [..., T, hidden]."""
+        """``EetVarlenAttention``: inputs qkv [..., T, 3 * hidden] (queries, keys, values fused in the last axis),
+        cu_seqlens [B+1] int32, max_seqlen carrier [S]; output [..., T, hidden]. The kernel reads q, k and v in
+        place: three column slices of qkv with row stride 3 * hidden."""
 
         SPEC = VARLEN_ATTENTION
 
@@ -125,26 +126,46 @@ def make_classes(trt):
                                  f"(supported: {HEAD_DIMS})")
             self._params = None
             self._lib = None
+            self._k_offset = self._v_offset = 0  # bytes from qkv to its keys / values
+
+        def get_output_shapes(self, inputs, shape_inputs, expr_builder):
+            qkv = inputs[0]
+            hidden = expr_builder.constant(self.attrs["num_heads"] * self.attrs["head_dim"])
+            return [trt.DimsExprs([qkv[i] for i in range(len(qkv) - 1)] + [hidden])]
+
+        def configure_plugin(self, inputs, outputs):
+            # build time: a static last axis that is not 3 * hidden (e.g. a version-1 query) fails here, not
+            # in on_shape_change on the GPU
+            hidden = self.attrs["num_heads"] * self.attrs["head_dim"]
+            dims = tuple(inputs[0].desc.dims)
+            if len(dims) < 2 or dims[-1] not in (-1, 3 * hidden):
+                raise ValueError(f"EetVarlenAttention: qkv is {dims}, expected [..., T, 3 * {hidden}] (queries, keys "
+                                 f"and values of {self.attrs['num_heads']} heads of {self.attrs['head_dim']})")
 
         def on_shape_change(self, inputs, outputs):
             from eet.plugins import _lib
 
-            q = inputs[0]
-            dims = tuple(q.dims)
+            qkv = inputs[0]
+            dims = tuple(int(d) for d in qkv.dims)
             hidden = self.attrs["num_heads"] * self.attrs["head_dim"]
-            if dims[-1] != hidden:
-                raise ValueError(f"EetVarlenAttention: query's last axis is {dims[-1]}, expected "
-                                 f"num_heads * head_dim = {hidden}")
+            if len(dims) < 2 or dims[-1] != 3 * hidden:
+                raise ValueError(f"EetVarlenAttention: qkv is {dims}, expected [..., T, 3 * {hidden}] "
+                                 f"({self.attrs['num_heads']} heads of {self.attrs['head_dim']})")
+            fp16 = qkv.type == trt.DataType.HALF
+            self._k_offset = hidden * (2 if fp16 else 4)
+            self._v_offset = 2 * self._k_offset
             self._lib = _lib
             self._params = _lib.make_varlen_params(
-                dtype=_lib.DTYPE_FP16 if q.type == trt.DataType.HALF else _lib.DTYPE_FP32,
+                dtype=_lib.DTYPE_FP16 if fp16 else _lib.DTYPE_FP32,
                 num_heads=self.attrs["num_heads"], head_dim=self.attrs["head_dim"], scale=self.attrs["scale"],
-                batch=int(inputs[3].dims[0]) - 1, max_seqlen=int(inputs[4].dims[0]),
-                total_tokens=int(np.prod(dims[:-1])))
+                batch=int(inputs[1].dims[0]) - 1, max_seqlen=int(inputs[2].dims[0]),
+                total_tokens=int(np.prod(dims[:-1])), q_row_stride=3 * hidden, k_row_stride=3 * hidden,
+                v_row_stride=3 * hidden)
 
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
             p = self._params
-            p.q, p.k, p.v, p.cu_seqlens = inputs[0], inputs[1], inputs[2], inputs[3]
+            qkv = inputs[0]
+            p.q, p.k, p.v, p.cu_seqlens = qkv, qkv + self._k_offset, qkv + self._v_offset, inputs[1]
             p.out = outputs[0]
             self._lib.varlen_attention(p, stream)
 

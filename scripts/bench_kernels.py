@@ -377,7 +377,10 @@ def run_varlen(bench: Bench, case: Case):
     lengths = draw_lengths(case, bench.args.seed)
     T, S, B = sum(lengths), max(lengths), case.batch
     gen = torch.Generator(device="cuda").manual_seed(bench.args.seed)
-    q, k, v = (bench.randn(T, H, D, gen=gen) for _ in range(3))
+    # q, k, v contiguous [T, H, D] for the launcher and the baselines; the one-node engine (--engine) reads them
+    # as the plugin does, the thirds of one fused projection qkv [T, 3 * H * D]
+    qkv = bench.randn(T, 3, H, D, gen=gen)
+    q, k, v = (qkv[:, i].contiguous() for i in range(3))
     out = torch.empty_like(q)
     cu = torch.tensor([0] + list(_cumsum(lengths)), dtype=torch.int32, device="cuda")
     params = lib.make_varlen_params(dtype=bench.dtype_code, num_heads=H, head_dim=D, batch=B, max_seqlen=S,
@@ -429,12 +432,10 @@ def run_varlen(bench: Bench, case: Case):
         dt = {"fp16": "float16", "fp32": "float32"}[bench.args.dtype]
         eng_out = torch.empty_like(q)
         carrier = torch.empty(S, dtype=torch.int32, device="cuda")
-        inputs = [(n, dt, ["t", H * D]) for n in ("query", "key", "value")] + [
-            ("cu_seqlens", "int32", ["b1"]), ("max_seqlen", "int32", ["s"])]
-        shapes = {"query": (T, H * D), "key": (T, H * D), "value": (T, H * D), "cu_seqlens": (B + 1,),
-                  "max_seqlen": (S,)}
-        addresses = {"query": q.data_ptr(), "key": k.data_ptr(), "value": v.data_ptr(), "cu_seqlens": cu.data_ptr(),
-                     "max_seqlen": carrier.data_ptr(), "context": eng_out.data_ptr()}
+        inputs = [("qkv", dt, ["t", 3 * H * D]), ("cu_seqlens", "int32", ["b1"]), ("max_seqlen", "int32", ["s"])]
+        shapes = {"qkv": (T, 3 * H * D), "cu_seqlens": (B + 1,), "max_seqlen": (S,)}
+        addresses = {"qkv": qkv.data_ptr(), "cu_seqlens": cu.data_ptr(), "max_seqlen": carrier.data_ptr(),
+                     "context": eng_out.data_ptr()}
         row["engine"] = engine_timing(bench, ours, VARLEN_ATTENTION, (inputs, [("context", dt, ["t", H * D])]),
                                       dict(num_heads=H, head_dim=D, scale=D ** -0.5), shapes, addresses,
                                       lambda: eng_out, ref)

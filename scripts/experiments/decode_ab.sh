@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A/B of a kernel patch on a GPU machine, from the repository root:
-#   bash scripts/experiments/decode_ab.sh scripts/experiments/decode_early_loads.patch [rounds]
+#   bash scripts/experiments/decode_ab.sh PATCH [rounds]   (PATCH: a diff of plugins/csrc, applied with patch -p1)
 # Builds the library as checked out (old) and with the patch applied to a copy (new), for this GPU's
 # architecture (needs patch(1)), then times scripts/experiments/decode_shapes.py with each in alternating processes.
 set -euo pipefail

@@ -24,7 +24,7 @@ def test_build_writes_everything(tiny_build):
     assert {"original.onnx", "model.onnx", "engine.plan", "engine.json"} <= names
     info = json.loads((tiny_build / "engine.json").read_text())
     assert info["schema"] == "eet-trt/engine/1" and info["family"] == "bert" and info["dtype"] == "fp16"
-    assert info["plugins"] == [{"name": "EetVarlenAttention", "version": "1", "namespace": "eet", "layers": 2}]
+    assert info["plugins"] == [{"name": "EetVarlenAttention", "version": "2", "namespace": "eet", "layers": 2}]
     assert info["tensorrt"]["flavour"] in ("tensorrt", "tensorrt_rtx") and info["tensorrt"]["version"]
     shapes = info["profiles"][0]["shapes"]
     # room for the runtime's bucket fillers: one sequence, and --max-batch tokens rounded up to a multiple of 64

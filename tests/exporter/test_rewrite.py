@@ -50,6 +50,49 @@ def test_rewritten_matches_onnxruntime_fp32(exported, form, rng):
     np.testing.assert_allclose(first, ref[:, 0], atol=1e-4, rtol=1e-4)
 
 
+def plugin_qkv_producers(model):
+    """For each EetVarlenAttention node: the node producing its qkv input."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    return [producers.get(n.input[0]) for n in model.graph.node if n.op_type == "EetVarlenAttention"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_query_key_value_become_one_projection(exported, form):
+    """BERT's query, key and value Linear layers of one LayerNorm output become one MatMul with the weights side
+    by side and one bias Add, whose [.., 3 * hidden] output the plugin reads (three GEMMs and three bias adds
+    per layer become one of each)."""
+    loaded, path = exported(form)
+    model = rewrite.rewrite_bert(onnx.load(str(path)), num_layers=2, num_heads=2, head_dim=64)
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    layer0 = loaded.model.encoder.layer[0].attention.self
+    for add in plugin_qkv_producers(model):
+        assert add.op_type == "Add"
+        matmul, bias = producers[add.input[0]], weights[add.input[1]]
+        assert matmul.op_type == "MatMul" and weights[matmul.input[1]].shape == (128, 3 * 128)
+        assert bias.shape == (3 * 128,)
+    # layer 0's fused weight and bias are the three Linear layers' side by side, in q, k, v order
+    add = plugin_qkv_producers(model)[0]
+    w = weights[producers[add.input[0]].input[1]]
+    b = weights[add.input[1]]
+    for i, linear in enumerate((layer0.query, layer0.key, layer0.value)):
+        np.testing.assert_array_equal(w[:, i * 128:(i + 1) * 128], linear.weight.detach().numpy().T)
+        np.testing.assert_array_equal(b[i * 128:(i + 1) * 128], linear.bias.detach().numpy())
+    # per layer: the fused projection, the attention output, the two MLP layers
+    assert sum(n.op_type == "MatMul" for n in model.graph.node) == 4 * 2
+
+
+def test_unfused_projections_fall_back_to_a_concat(exported, monkeypatch, rng):
+    """Where the projections are not of the fused form the plugin reads a Concat of q, k, v: still right."""
+    loaded, path = exported("sdpa")
+    monkeypatch.setattr(rewrite, "fuse_projections", lambda graph, match, index, hidden: None)
+    model = rewrite.rewrite_bert(onnx.load(str(path)), num_layers=2, num_heads=2, head_dim=64)
+    assert [n.op_type for n in plugin_qkv_producers(model)] == ["Concat"] * 2
+    rb = ragged_batch(rng, batch=3, max_len=24, vocab=1000)
+    ref, hidden, first = run_both(path, model, rb)
+    np.testing.assert_allclose(hidden, rb.unpad(ref), atol=1e-4, rtol=1e-4)
+
+
 def test_rewritten_fp16_keeps_layernorm_fp32(exported, rng):
     loaded, path = exported("sdpa")
     model = rewrite.rewrite_bert(onnx.load(str(path)), num_layers=2, num_heads=2, head_dim=64, dtype="fp16")

@@ -139,10 +139,11 @@ def test_concat_fallback_generates(exported_gpt2, monkeypatch, rng):
 
 def attention_graph(kind, batch, seq, embed, rng):
     """One causal eager attention ``x [B, S, E] -> [B, S, hidden]`` whose q, k, v come from: three MatMuls
-    (``separate``), one MatMul cut by a Split with sizes (``split``; ``split-swapped`` feeds its first two thirds
-    to k and q) or into three even parts on axis 2 (``split-even``), or three Slices of one MatMul (``slices``;
-    ``slices-wide``: the first three quarters of a MatMul 4 * hidden wide). Returns the model and the weights
-    of q, k, v [E, hidden]."""
+    (``separate``; ``separate-bias``: each plus a bias, the key's Add with the bias first; ``separate-relu``: the
+    value through a Relu, so not a projection), one MatMul cut by a Split with sizes (``split``; ``split-swapped``
+    feeds its first two thirds to k and q) or into three even parts on axis 2 (``split-even``), or three Slices
+    of one MatMul (``slices``; ``slices-wide``: the first three quarters of a MatMul 4 * hidden wide). Returns
+    the model and the projections of q, k, v as functions of x."""
     from onnx import TensorProto, helper, numpy_helper
 
     hidden = HEADS * HEAD_DIM
@@ -154,10 +155,21 @@ def attention_graph(kind, batch, seq, embed, rng):
              numpy_helper.from_array(np.triu(np.full((seq, seq), -1e9, np.float32), 1), "causal")]
     nodes = []
     thirds = [weights[:, i * hidden:(i + 1) * hidden] for i in range(3)]
-    if kind == "separate":
-        for name, w in zip("qkv", thirds):
+    biases = [np.zeros(hidden, np.float32)] * 3
+    relu = kind == "separate-relu"
+    if kind.startswith("separate"):
+        if kind == "separate-bias":
+            biases = [rng.standard_normal(hidden).astype(np.float32) for _ in range(3)]
+        for name, w, b in zip("qkv", thirds, biases):
             inits.append(numpy_helper.from_array(w, f"w_{name}"))
-            nodes.append(helper.make_node("MatMul", ["x", f"w_{name}"], [name]))
+            product = f"{name}_product" if kind != "separate" else name
+            nodes.append(helper.make_node("MatMul", ["x", f"w_{name}"], [product]))
+            if kind == "separate-bias":
+                inits.append(numpy_helper.from_array(b, f"b_{name}"))
+                operands = [f"b_{name}", product] if name == "k" else [product, f"b_{name}"]
+                nodes.append(helper.make_node("Add", operands, [name]))
+            elif kind == "separate-relu":
+                nodes.append(helper.make_node("Relu" if name == "v" else "Identity", [product], [name]))
     else:
         inits.append(numpy_helper.from_array(weights, "w_qkv"))
         nodes.append(helper.make_node("MatMul", ["x", "w_qkv"], ["fused"]))
@@ -191,21 +203,30 @@ def attention_graph(kind, batch, seq, embed, rng):
                               [helper.make_tensor_value_info("context", TensorProto.FLOAT, [batch, seq, hidden])],
                               inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    return onnx.shape_inference.infer_shapes(model), thirds
+
+    def projection(i):
+        def f(x):
+            y = x.astype(np.float64) @ thirds[i] + biases[i]
+            return np.maximum(y, 0.0) if relu and i == 2 else y
+        return f
+
+    return onnx.shape_inference.infer_shapes(model), [projection(i) for i in range(3)]
 
 
-@pytest.mark.parametrize("kind,fused", [("separate", False), ("split", True), ("split-swapped", False),
-                                        ("split-even", True), ("slices", True), ("slices-wide", False)])
-def test_qkv_input_by_structure(kind, fused, rng):
-    """The plugin reads the cut tensor only where q, k, v are its thirds in order; else a Concat of q, k, v,
-    which the reference evaluator shows to be correct: causal attention of the right q, k, v, and the new
-    keys and values in the caches."""
+@pytest.mark.parametrize("kind,producer", [
+    ("separate", "Add"), ("separate-bias", "Add"), ("separate-relu", "Concat"), ("split", "MatMul"),
+    ("split-swapped", "Concat"), ("split-even", "MatMul"), ("slices", "MatMul"), ("slices-wide", "Concat")])
+def test_qkv_input_by_structure(kind, producer, rng):
+    """The plugin reads the cut tensor where q, k, v are its thirds in order (a MatMul's output), one projection
+    made of three where they are three projections of x (its bias Add's output), else a Concat of q, k, v. The
+    reference evaluator shows each to be correct: causal attention of the right q, k, v, and the new keys and
+    values in the caches."""
     import onnx_graphsurgeon as gs
 
     from eet.plugins.onnx_reference import evaluator
 
     batch, seq, embed, max_len = 2, 5, 48, 8
-    model, (wq, wk, wv) = attention_graph(kind, batch, seq, embed, rng)
+    model, projections = attention_graph(kind, batch, seq, embed, rng)
     graph = gs.import_onnx(model)
     (match,) = rewrite.find_attention(graph, HEAD_DIM)
     pads = gs.Variable(rewrite.PAD_LENGTHS, dtype=np.int32, shape=[batch])
@@ -218,19 +239,20 @@ def test_qkv_input_by_structure(kind, fused, rng):
     rewritten = gs.export_onnx(graph)
     rewritten.opset_import.append(onnx.helper.make_opsetid("eet", 1))
     producers = plugin_qkv_producers(rewritten)
-    assert producers == (["MatMul"] if fused else ["Concat"])
-    if fused:  # the cut died
+    assert producers == [producer]
+    if producer != "Concat":  # the cut, or the three projections, died
         assert not any(n.op_type in ("Split", "Slice") for n in rewritten.graph.node)
+        assert sum(n.op_type == "MatMul" and n.input[0] == "x" for n in rewritten.graph.node) == 1
 
     x = rng.standard_normal((batch, seq, embed)).astype(np.float32)
     caches = {f"past_{k}.0": np.zeros((batch, HEADS, max_len, HEAD_DIM), np.float32) for k in ("key", "value")}
     context, keys, values = evaluator(rewritten).run(None, {"x": x, "pad_lengths": np.zeros(batch, np.int32),
                                                             "step": np.zeros(1, np.int32), **caches})
 
-    def heads(w):  # [B, H, S, D] in float64
-        return (x.astype(np.float64) @ w).reshape(batch, seq, HEADS, HEAD_DIM).transpose(0, 2, 1, 3)
+    def heads(projection):  # [B, H, S, D] in float64
+        return projection(x).reshape(batch, seq, HEADS, HEAD_DIM).transpose(0, 2, 1, 3)
 
-    q, k, v = heads(wq), heads(wk), heads(wv)
+    q, k, v = (heads(f) for f in projections)
     scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(HEAD_DIM) + np.triu(np.full((seq, seq), -np.inf), 1)
     p = np.exp(scores - scores.max(-1, keepdims=True))
     want = ((p / p.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3).reshape(batch, seq, HEADS * HEAD_DIM)

@@ -1,4 +1,4 @@
-"""The NumPy reference of EetVarlenAttention against a token-by-token float64 loop."""
+"""The NumPy references of the EET plugins against token-by-token float64 loops."""
 import numpy as np
 import pytest
 
@@ -28,8 +28,8 @@ def test_matches_naive_loop(rng, heads, dim):
     q, k, v = (rng.standard_normal((1, t, heads * dim)) for _ in range(3))
     cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     scale = float(rng.uniform(0.05, 0.3))
-    out = varlen_attention(q, k, v, cu, np.zeros(max(lengths), np.int32), num_heads=heads, head_dim=dim,
-                           scale=scale)
+    qkv = np.concatenate([q, k, v], axis=-1)  # the plugin's fused input: q, k, v thirds of the last axis
+    out = varlen_attention(qkv, cu, np.zeros(max(lengths), np.int32), num_heads=heads, head_dim=dim, scale=scale)
     assert out.shape == q.shape and out.dtype == q.dtype
     np.testing.assert_allclose(out[0], naive(q[0], k[0], v[0], lengths, heads, dim, scale), rtol=1e-10, atol=1e-12)
 
@@ -39,11 +39,11 @@ def test_sequences_do_not_see_each_other(rng):
     heads, dim, lengths = 2, 32, [4, 7, 3]
     cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     q, k, v = (rng.standard_normal((14, heads * dim)).astype(np.float32) for _ in range(3))
-    a = varlen_attention(q, k, v, cu, 7, num_heads=heads, head_dim=dim, scale=0.2)
+    a = varlen_attention(np.concatenate([q, k, v], axis=-1), cu, 7, num_heads=heads, head_dim=dim, scale=0.2)
     k2, v2 = k.copy(), v.copy()
     k2[4:11] += 1.0
     v2[4:11] -= 1.0
-    b = varlen_attention(q, k2, v2, cu, 7, num_heads=heads, head_dim=dim, scale=0.2)
+    b = varlen_attention(np.concatenate([q, k2, v2], axis=-1), cu, 7, num_heads=heads, head_dim=dim, scale=0.2)
     assert np.array_equal(a[:4], b[:4]) and np.array_equal(a[11:], b[11:])
     assert not np.allclose(a[4:11], b[4:11])
 
@@ -60,12 +60,19 @@ def test_bad_cu_seqlens(cu, total, message):
 
 
 def test_too_long_and_bad_head_dim():
-    x = np.zeros((5, 64), np.float32)
+    x = np.zeros((5, 3 * 64), np.float32)
     with pytest.raises(ValueError, match="exceeds max_seqlen"):
-        varlen_attention(x, x, x, np.array([0, 5], np.int32), 4, num_heads=2, head_dim=32, scale=1.0)
-    y = np.zeros((5, 96), np.float32)
+        varlen_attention(x, np.array([0, 5], np.int32), 4, num_heads=2, head_dim=32, scale=1.0)
+    y = np.zeros((5, 3 * 96), np.float32)
     with pytest.raises(ValueError, match="head_dim 48"):
-        varlen_attention(y, y, y, np.array([0, 5], np.int32), 8, num_heads=2, head_dim=48, scale=1.0)
+        varlen_attention(y, np.array([0, 5], np.int32), 8, num_heads=2, head_dim=48, scale=1.0)
+
+
+def test_varlen_rejects_unfused_width():
+    """qkv must hold queries, keys and values: a last axis of one hidden width (a version-1 query) is refused."""
+    with pytest.raises(ValueError, match=r"qkv must be \[\.\.\., T, 3 \* 64\]"):
+        varlen_attention(np.zeros((5, 64), np.float32), np.array([0, 5], np.int32), 8, num_heads=2, head_dim=32,
+                         scale=1.0)
 
 
 def naive_prepad(q, k, v, pads, step, kc, vc, heads, dim, scale):

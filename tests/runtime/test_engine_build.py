@@ -5,6 +5,7 @@ import onnx
 import pytest
 
 from eet.errors import EetError
+from eet.plugins.spec import VARLEN_ATTENTION
 from eet.runtime import sidecar
 
 
@@ -46,16 +47,16 @@ def test_parser_rejects_unsupported_head_dim(tmp_path):
 
     from eet.runtime.build import Profile, build_engine
 
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["t", 96])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["t", 3 * 96])
     cu = helper.make_tensor_value_info("cu", TensorProto.INT32, ["b"])
     s = helper.make_tensor_value_info("s", TensorProto.INT32, ["s"])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["t", 96])
-    node = helper.make_node("EetVarlenAttention", ["x", "x", "x", "cu", "s"], ["y"], domain="eet", num_heads=2,
-                            head_dim=48, scale=0.1, plugin_version="1", plugin_namespace="eet")
+    node = helper.make_node("EetVarlenAttention", ["x", "cu", "s"], ["y"], domain="eet", num_heads=2,
+                            head_dim=48, scale=0.1, plugin_version=VARLEN_ATTENTION.version, plugin_namespace="eet")
     model = helper.make_model(helper.make_graph([node], "g", [x, cu, s], [y]),
                               opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("eet", 1)])
     onnx.save(model, str(tmp_path / "m.onnx"))
-    shapes = {"x": ((1, 96), (8, 96), (16, 96)), "cu": ((2,), (3,), (5,)), "s": ((1,), (8,), (16,))}
+    shapes = {"x": ((1, 288), (8, 288), (16, 288)), "cu": ((2,), (3,), (5,)), "s": ((1,), (8,), (16,))}
     with pytest.raises(Exception, match="head_dim 48"):
         build_engine(tmp_path / "m.onnx", [Profile("p", shapes)])
     assert trt.flavour in ("tensorrt", "tensorrt_rtx")
@@ -103,6 +104,44 @@ def test_prepad_plugin_refuses_an_unfused_input(tmp_path, capfd):
     with pytest.raises(EetError, match="failed to build"):
         _prepad_alone(tmp_path, 128)
     assert "expected [B, S, 3 * 128]" in capfd.readouterr().err
+
+
+def _varlen_alone(tmp_path, width):
+    """Build a network of one EetVarlenAttention node (2 heads of 64) whose qkv input is [T, width]."""
+    from onnx import TensorProto, helper
+
+    from eet.runtime.build import Profile, build_engine
+
+    half = TensorProto.FLOAT16
+    io = [helper.make_tensor_value_info("qkv", half, ["t", width]),
+          helper.make_tensor_value_info("cu_seqlens", TensorProto.INT32, ["b1"]),
+          helper.make_tensor_value_info("max_seqlen", TensorProto.INT32, ["s"])]
+    node = helper.make_node(VARLEN_ATTENTION.name, [i.name for i in io], ["context"], domain="eet", num_heads=2,
+                            head_dim=64, scale=0.125, plugin_version=VARLEN_ATTENTION.version,
+                            plugin_namespace="eet")
+    context = helper.make_tensor_value_info("context", half, ["t", 128])
+    model = helper.make_model(helper.make_graph([node], "g", io, [context]),
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("eet", 1)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    shapes = {"qkv": ((1, width), (64, width), (256, width)), "cu_seqlens": ((2,), (3,), (9,)),
+              "max_seqlen": ((1,), (32,), (64,))}
+    return build_engine(tmp_path / "m.onnx", [Profile("p", shapes)])
+
+
+def test_varlen_plugin_alone_builds(tmp_path):
+    """One EetVarlenAttention node: its fused qkv input [T, 3 * hidden] gives a context of [T, hidden]."""
+    pytest.importorskip("eet.trt").load()
+    built = _varlen_alone(tmp_path, 3 * 128)
+    assert built.plugin_layers == {"EetVarlenAttention": 1}
+    assert built.outputs == [{"name": "context", "dtype": "half", "shape": [-1, 128]}]
+
+
+def test_varlen_plugin_refuses_an_unfused_input(tmp_path, capfd):
+    """A qkv of one hidden width (version 1's query) fails the build, the plugin naming the expected shape."""
+    pytest.importorskip("eet.trt").load()
+    with pytest.raises(EetError, match="failed to build"):
+        _varlen_alone(tmp_path, 128)
+    assert "expected [..., T, 3 * 128]" in capfd.readouterr().err
 
 
 def _write(tmp_path, plan=b"plan-bytes", **changes):

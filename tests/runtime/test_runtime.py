@@ -405,6 +405,10 @@ def test_compatibility_errors():
     with pytest.raises(EetError, match="EetPrePadAttention version 1 .*provides version 2.*rebuild"):
         check_compatible(sidecar_info(plugins=[{"name": "EetPrePadAttention", "version": "1", "namespace": "eet"}]),
                          "tensorrt_rtx", "1.7.1.116")
+    # EetVarlenAttention version 2 likewise (BERT plans built before the fused projection)
+    bert = dict(family="bert", plugins=[{"name": "EetVarlenAttention", "version": "1", "namespace": "eet"}])
+    with pytest.raises(EetError, match="EetVarlenAttention version 1 .*provides version 2.*rebuild"):
+        check_compatible(sidecar_info(**bert), "tensorrt_rtx", "1.7.1.116")
     with pytest.raises(EetError, match="EetPrePadAttention version 9"):
         check_compatible(sidecar_info(plugins=[{"name": "EetPrePadAttention", "version": "9", "namespace": "eet"}]),
                          "tensorrt_rtx", "1.7.1.116")

@@ -8,8 +8,7 @@ from eet.plugins.spec import PREPAD_ATTENTION, VARLEN_ATTENTION
 from eet.runtime.single_plugin import build_plan_without_gpu, one_node_onnx
 
 ATTRS = dict(num_heads=2, head_dim=64, scale=0.125)
-VARLEN_IO = ([(n, "float16", ["t", 128]) for n in ("query", "key", "value")]
-             + [("cu_seqlens", "int32", ["b1"]), ("max_seqlen", "int32", ["s"])],
+VARLEN_IO = ([("qkv", "float16", ["t", 3 * 128]), ("cu_seqlens", "int32", ["b1"]), ("max_seqlen", "int32", ["s"])],
              [("context", "float16", ["t", 128])])
 
 
@@ -25,15 +24,15 @@ def test_one_node_model_follows_the_spec():
 
 def test_one_node_model_refuses_a_wrong_input_count():
     with pytest.raises(EetError, match="takes 5 inputs"):
-        one_node_onnx(PREPAD_ATTENTION, VARLEN_IO[0][:2], VARLEN_IO[1], ATTRS)
+        one_node_onnx(PREPAD_ATTENTION, VARLEN_IO[0], VARLEN_IO[1], ATTRS)
 
 
 def test_plan_builds_without_a_gpu(tmp_path):
     pytest.importorskip("eet.trt").load()
     onnx.save(one_node_onnx(VARLEN_ATTENTION, *VARLEN_IO, ATTRS), str(tmp_path / "m.onnx"))
-    t, b = ((1, 128), (64, 128), (512, 128)), ((2,), (3,), (9,))
-    shapes = {"query": t, "key": t, "value": t, "cu_seqlens": b, "max_seqlen": ((1,), (32,), (256,))}
+    t, b = ((1, 384), (64, 384), (512, 384)), ((2,), (3,), (9,))
+    shapes = {"qkv": t, "cu_seqlens": b, "max_seqlen": ((1,), (32,), (256,))}
     build_plan_without_gpu(tmp_path / "m.onnx", shapes, tmp_path / "m.plan", aliased_io=False)
     assert (tmp_path / "m.plan").stat().st_size > 0
     with pytest.raises(EetError, match="failed"):
-        build_plan_without_gpu(tmp_path / "m.onnx", {"query": t}, tmp_path / "bad.plan", aliased_io=False)
+        build_plan_without_gpu(tmp_path / "m.onnx", {"qkv": t}, tmp_path / "bad.plan", aliased_io=False)

@@ -22,26 +22,26 @@ ATTRS = dict(num_heads=H, head_dim=D, scale=D ** -0.5)
 
 @pytest.mark.parametrize("dtype", ["fp16", "fp32"])
 def test_varlen_engine_equals_launcher(dtype, deserialize_hook, rng):
+    """The one-node engine reads q, k, v as the thirds of its fused qkv input [T, 3 * hidden] (row stride
+    3 * hidden); the launcher gets three contiguous copies of them: bit-identical outputs."""
     tdt, name, code = DT[dtype]
     lengths = [int(n) for n in rng.integers(1, 200, size=5)]
-    T, S = sum(lengths), max(lengths)
-    q, k, v = (torch.from_numpy(rng.standard_normal((T, H * D), dtype="float32")).to(tdt).cuda() for _ in range(3))
+    T, S, hidden = sum(lengths), max(lengths), H * D
+    qkv = torch.from_numpy(rng.standard_normal((T, 3 * hidden), dtype="float32")).to(tdt).cuda()
+    q, k, v = (qkv[:, i * hidden:(i + 1) * hidden].contiguous() for i in range(3))
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device="cuda")
     carrier = torch.empty(S, dtype=torch.int32, device="cuda")
     want, got = torch.full_like(q, float("nan")), torch.full_like(q, float("nan"))
     _lib.varlen_attention(_lib.make_varlen_params(dtype=code, num_heads=H, head_dim=D, batch=len(lengths),
                                                   max_seqlen=S, total_tokens=T, q=q.data_ptr(), k=k.data_ptr(),
                                                   v=v.data_ptr(), out=want.data_ptr(), cu_seqlens=cu.data_ptr()), 0)
-    inputs = [(n, name, ["t", H * D]) for n in ("query", "key", "value")] + [("cu_seqlens", "int32", ["b1"]),
-                                                                               ("max_seqlen", "int32", ["s"])]
-    shapes = {"query": (T, H * D), "key": (T, H * D), "value": (T, H * D), "cu_seqlens": (len(lengths) + 1,),
-              "max_seqlen": (S,)}
-    profile = {n: ((1,) + s[1:], s, s) if n not in ("cu_seqlens", "max_seqlen") else ((1,), s, s)
-               for n, s in shapes.items()}
-    eng = SingleNodeEngine(VARLEN_ATTENTION, inputs, [("context", name, ["t", H * D])], ATTRS, profile,
+    inputs = [("qkv", name, ["t", 3 * hidden]), ("cu_seqlens", "int32", ["b1"]), ("max_seqlen", "int32", ["s"])]
+    shapes = {"qkv": (T, 3 * hidden), "cu_seqlens": (len(lengths) + 1,), "max_seqlen": (S,)}
+    profile = {n: ((1,) + s[1:], s, s) if n == "qkv" else ((1,), s, s) for n, s in shapes.items()}
+    eng = SingleNodeEngine(VARLEN_ATTENTION, inputs, [("context", name, ["t", hidden])], ATTRS, profile,
                            deserialize_hook=deserialize_hook)
-    eng.bind(shapes, {"query": q.data_ptr(), "key": k.data_ptr(), "value": v.data_ptr(), "cu_seqlens": cu.data_ptr(),
-                      "max_seqlen": carrier.data_ptr(), "context": got.data_ptr()})
+    eng.bind(shapes, {"qkv": qkv.data_ptr(), "cu_seqlens": cu.data_ptr(), "max_seqlen": carrier.data_ptr(),
+                      "context": got.data_ptr()})
     stream = torch.cuda.Stream()
     eng.run(stream.cuda_stream)
     stream.synchronize()
