@@ -112,55 +112,80 @@ def make_classes(trt):
         def attach_to_context(self, context):
             return self.clone()
 
-    class VarlenAttentionPlugin(_SpecPlugin):
-        """``EetVarlenAttention``: inputs qkv [..., T, 3 * hidden] (queries, keys, values fused in the last axis),
-        cu_seqlens [B+1] int32, max_seqlen carrier [S]; output [..., T, hidden]. The kernel reads q, k and v in
-        place: three column slices of qkv with row stride 3 * hidden."""
+    class _FusedQkvPlugin(_SpecPlugin):
+        """A plugin whose input 0 is ``qkv`` [..., 3 * hidden]: queries, keys and values side by side in the last
+        axis, which the kernel reads in place as three column slices with row stride 3 * hidden (hidden =
+        num_heads * head_dim). ``QKV_SHAPE`` names the expected shape in errors; ``QKV_RANK`` is its rank (None:
+        any rank >= 2)."""
 
-        SPEC = VARLEN_ATTENTION
+        QKV_SHAPE: str
+        QKV_RANK: int | None = None
 
         def __init__(self, attrs: dict):
             super().__init__(attrs)
             if self.attrs["head_dim"] not in HEAD_DIMS:
-                raise ValueError(f"EetVarlenAttention: head_dim {self.attrs['head_dim']} is not supported "
+                raise ValueError(f"{self.SPEC.name}: head_dim {self.attrs['head_dim']} is not supported "
                                  f"(supported: {HEAD_DIMS})")
             self._params = None
             self._lib = None
             self._k_offset = self._v_offset = 0  # bytes from qkv to its keys / values
 
-        def get_output_shapes(self, inputs, shape_inputs, expr_builder):
-            qkv = inputs[0]
-            hidden = expr_builder.constant(self.attrs["num_heads"] * self.attrs["head_dim"])
-            return [trt.DimsExprs([qkv[i] for i in range(len(qkv) - 1)] + [hidden])]
+        @property
+        def _hidden(self) -> int:
+            return self.attrs["num_heads"] * self.attrs["head_dim"]
+
+        def _qkv_fits(self, dims: tuple, last_ok: tuple) -> bool:
+            rank_ok = len(dims) >= 2 if self.QKV_RANK is None else len(dims) == self.QKV_RANK
+            return rank_ok and dims[-1] in last_ok
 
         def configure_plugin(self, inputs, outputs):
             # build time: a static last axis that is not 3 * hidden (e.g. a version-1 query) fails here, not
             # in on_shape_change on the GPU
-            hidden = self.attrs["num_heads"] * self.attrs["head_dim"]
             dims = tuple(inputs[0].desc.dims)
-            if len(dims) < 2 or dims[-1] not in (-1, 3 * hidden):
-                raise ValueError(f"EetVarlenAttention: qkv is {dims}, expected [..., T, 3 * {hidden}] (queries, keys "
-                                 f"and values of {self.attrs['num_heads']} heads of {self.attrs['head_dim']})")
+            if not self._qkv_fits(dims, (-1, 3 * self._hidden)):
+                raise ValueError(f"{self.SPEC.name}: qkv is {dims}, expected {self.QKV_SHAPE.format(self._hidden)} "
+                                 f"(queries, keys and values of {self.attrs['num_heads']} heads of "
+                                 f"{self.attrs['head_dim']})")
 
-        def on_shape_change(self, inputs, outputs):
+        def _qkv_params(self, qkv) -> dict:
+            """At a new shape: sets the k / v byte offsets in qkv (by ``qkv.type``'s element size) and loads the
+            library; returns the launcher parameters that every fused-qkv plugin shares (dtype, heads, head_dim,
+            scale, the row strides of 3 * hidden)."""
             from eet.plugins import _lib
 
-            qkv = inputs[0]
-            dims = tuple(int(d) for d in qkv.dims)
-            hidden = self.attrs["num_heads"] * self.attrs["head_dim"]
-            if len(dims) < 2 or dims[-1] != 3 * hidden:
-                raise ValueError(f"EetVarlenAttention: qkv is {dims}, expected [..., T, 3 * {hidden}] "
-                                 f"({self.attrs['num_heads']} heads of {self.attrs['head_dim']})")
             fp16 = qkv.type == trt.DataType.HALF
+            hidden = self._hidden
             self._k_offset = hidden * (2 if fp16 else 4)
             self._v_offset = 2 * self._k_offset
             self._lib = _lib
-            self._params = _lib.make_varlen_params(
-                dtype=_lib.DTYPE_FP16 if fp16 else _lib.DTYPE_FP32,
-                num_heads=self.attrs["num_heads"], head_dim=self.attrs["head_dim"], scale=self.attrs["scale"],
-                batch=int(inputs[1].dims[0]) - 1, max_seqlen=int(inputs[2].dims[0]),
-                total_tokens=int(np.prod(dims[:-1])), q_row_stride=3 * hidden, k_row_stride=3 * hidden,
-                v_row_stride=3 * hidden)
+            return dict(dtype=_lib.DTYPE_FP16 if fp16 else _lib.DTYPE_FP32, num_heads=self.attrs["num_heads"],
+                        head_dim=self.attrs["head_dim"], scale=self.attrs["scale"], q_row_stride=3 * hidden,
+                        k_row_stride=3 * hidden, v_row_stride=3 * hidden)
+
+    class VarlenAttentionPlugin(_FusedQkvPlugin):
+        """``EetVarlenAttention``: inputs qkv [..., T, 3 * hidden] (queries, keys, values fused in the last axis),
+        cu_seqlens [B+1] int32, max_seqlen carrier [S]; output [..., T, hidden]. The kernel reads q, k and v in
+        place: three column slices of qkv with row stride 3 * hidden."""
+
+        SPEC = VARLEN_ATTENTION
+        QKV_SHAPE = "[..., T, 3 * {}]"
+
+        def get_output_shapes(self, inputs, shape_inputs, expr_builder):
+            qkv = inputs[0]
+            hidden = expr_builder.constant(self._hidden)
+            return [trt.DimsExprs([qkv[i] for i in range(len(qkv) - 1)] + [hidden])]
+
+        def on_shape_change(self, inputs, outputs):
+            qkv = inputs[0]
+            dims = tuple(int(d) for d in qkv.dims)
+            hidden = self._hidden
+            if not self._qkv_fits(dims, (3 * hidden,)):
+                raise ValueError(f"EetVarlenAttention: qkv is {dims}, expected [..., T, 3 * {hidden}] "
+                                 f"({self.attrs['num_heads']} heads of {self.attrs['head_dim']})")
+            common = self._qkv_params(qkv)  # loads self._lib
+            self._params = self._lib.make_varlen_params(
+                **common, batch=int(inputs[1].dims[0]) - 1, max_seqlen=int(inputs[2].dims[0]),
+                total_tokens=int(np.prod(dims[:-1])))
 
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
             p = self._params
@@ -169,36 +194,20 @@ def make_classes(trt):
             p.out = outputs[0]
             self._lib.varlen_attention(p, stream)
 
-    class PrePadAttentionPlugin(_SpecPlugin):
+    class PrePadAttentionPlugin(_FusedQkvPlugin):
         """``EetPrePadAttention``: inputs qkv [B, S, 3 * hidden] (queries, keys, values fused in the last axis),
         pad_lengths [B] int32, step [1] int32, key/value caches [B, heads, L, head_dim]; outputs context
         [B, S, hidden] and the two caches, updated in place (aliased). The kernel reads q, k and v in place:
         three column slices of qkv with row stride 3 * hidden."""
 
         SPEC = PREPAD_ATTENTION
-
-        def __init__(self, attrs: dict):
-            super().__init__(attrs)
-            if self.attrs["head_dim"] not in HEAD_DIMS:
-                raise ValueError(f"EetPrePadAttention: head_dim {self.attrs['head_dim']} is not supported "
-                                 f"(supported: {HEAD_DIMS})")
-            self._params = None
-            self._lib = None
-            self._k_offset = self._v_offset = 0  # bytes from qkv to its keys / values
+        QKV_SHAPE = "[B, S, 3 * {}]"
+        QKV_RANK = 3
 
         def get_output_shapes(self, inputs, shape_inputs, expr_builder):
             qkv = inputs[0]
-            hidden = expr_builder.constant(self.attrs["num_heads"] * self.attrs["head_dim"])
+            hidden = expr_builder.constant(self._hidden)
             return [trt.DimsExprs([qkv[0], qkv[1], hidden]), trt.DimsExprs(inputs[3]), trt.DimsExprs(inputs[4])]
-
-        def configure_plugin(self, inputs, outputs):
-            # build time: a static last axis that is not 3 * hidden (e.g. a version-1 query) fails here, not
-            # in on_shape_change on the GPU
-            hidden = self.attrs["num_heads"] * self.attrs["head_dim"]
-            dims = tuple(inputs[0].desc.dims)
-            if len(dims) != 3 or dims[2] not in (-1, 3 * hidden):
-                raise ValueError(f"EetPrePadAttention: qkv is {dims}, expected [B, S, 3 * {hidden}] (queries, keys "
-                                 f"and values of {self.attrs['num_heads']} heads of {self.attrs['head_dim']})")
 
         def get_workspace_size(self, inputs, outputs):
             # the decode split's scratch where there are no clusters (before sm_90), for the largest batch
@@ -208,24 +217,17 @@ def make_classes(trt):
                                          self.attrs["head_dim"])
 
         def on_shape_change(self, inputs, outputs):
-            from eet.plugins import _lib
-
             qkv, cache = inputs[0], inputs[3]
             heads, head_dim = self.attrs["num_heads"], self.attrs["head_dim"]
-            hidden = heads * head_dim
+            hidden = self._hidden
             dims = tuple(int(d) for d in qkv.dims)
-            if len(dims) != 3 or dims[2] != 3 * hidden or tuple(cache.dims)[1::2] != (heads, head_dim):
+            if not self._qkv_fits(dims, (3 * hidden,)) or tuple(cache.dims)[1::2] != (heads, head_dim):
                 raise ValueError(f"EetPrePadAttention: qkv {dims} / cache {tuple(cache.dims)} do not match "
                                  f"[B, S, 3 * {hidden}] / [B, {heads}, L, {head_dim}] ({heads} heads of {head_dim})")
-            fp16 = qkv.type == trt.DataType.HALF
-            self._k_offset = hidden * (2 if fp16 else 4)
-            self._v_offset = 2 * self._k_offset
-            self._lib = _lib
-            self._params = _lib.make_prepad_params(
-                dtype=_lib.DTYPE_FP16 if fp16 else _lib.DTYPE_FP32,
-                num_heads=heads, head_dim=head_dim, scale=self.attrs["scale"], batch=dims[0], seq=dims[1],
-                max_len=int(cache.dims[2]), q_row_stride=3 * hidden, k_row_stride=3 * hidden,
-                v_row_stride=3 * hidden, workspace_bytes=_lib.prepad_workspace_size(dims[0], heads, head_dim))
+            common = self._qkv_params(qkv)  # loads self._lib
+            self._params = self._lib.make_prepad_params(
+                **common, batch=dims[0], seq=dims[1], max_len=int(cache.dims[2]),
+                workspace_bytes=self._lib.prepad_workspace_size(dims[0], heads, head_dim))
 
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
             p = self._params
