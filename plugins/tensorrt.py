@@ -143,9 +143,12 @@ def make_classes(trt):
             # in on_shape_change on the GPU
             dims = tuple(inputs[0].desc.dims)
             if not self._qkv_fits(dims, (-1, 3 * self._hidden)):
-                raise ValueError(f"{self.SPEC.name}: qkv is {dims}, expected {self.QKV_SHAPE.format(self._hidden)} "
-                                 f"(queries, keys and values of {self.attrs['num_heads']} heads of "
-                                 f"{self.attrs['head_dim']})")
+                raise self._qkv_refused(dims)
+
+        def _qkv_refused(self, dims: tuple) -> ValueError:
+            return ValueError(f"{self.SPEC.name}: qkv is {dims}, expected {self.QKV_SHAPE.format(self._hidden)} "
+                              f"(queries, keys and values of {self.attrs['num_heads']} heads of "
+                              f"{self.attrs['head_dim']})")
 
         def _qkv_params(self, qkv) -> dict:
             """At a new shape: sets the k / v byte offsets in qkv (by ``qkv.type``'s element size) and loads the
@@ -180,8 +183,7 @@ def make_classes(trt):
             dims = tuple(int(d) for d in qkv.dims)
             hidden = self._hidden
             if not self._qkv_fits(dims, (3 * hidden,)):
-                raise ValueError(f"EetVarlenAttention: qkv is {dims}, expected [..., T, 3 * {hidden}] "
-                                 f"({self.attrs['num_heads']} heads of {self.attrs['head_dim']})")
+                raise self._qkv_refused(dims)
             common = self._qkv_params(qkv)  # loads self._lib
             self._params = self._lib.make_varlen_params(
                 **common, batch=int(inputs[1].dims[0]) - 1, max_seqlen=int(inputs[2].dims[0]),
