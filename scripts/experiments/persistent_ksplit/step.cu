@@ -160,6 +160,24 @@ __device__ void load_x(const float* x, int k0, half* a_s, float* stats) {
     }
 }
 
+// The common tail of a linear phase: wait for its weight tile (cp.async groups: at most WAIT newer ones pending),
+// multiply a_s by it into c_s, fetch the next tile into the freed slot (when next is not null), add c_s into
+// out[:, n0 ..] (+ bias). sb: block 0's timers at sb[0 .. 3] (or null).
+template <int WAIT>
+__device__ __forceinline__ void linear_tail(const half* a_s, half* w_s, float* c_s, const half* next, float* out,
+                                            int ld, int n0, const float* bias, unsigned long long* sb) {
+    if (sb) sb[0] = gtimer();
+    cp_wait<WAIT>();
+    __syncthreads();
+    if (sb) sb[1] = gtimer();
+    mma_tile<kTK, kTN>(a_s, w_s, c_s);
+    __syncthreads();
+    if (sb) sb[2] = gtimer();
+    if (next) fetch_tile(w_s, next);
+    add_out<kTN>(c_s, out, ld, n0, bias);
+    if (sb) sb[3] = gtimer();
+}
+
 __device__ __forceinline__ void row_norm(const float* stats, int r, float& mean, float& rstd) {
     const float s = __ldcg(stats + r * 2), ss = __ldcg(stats + r * 2 + 1);
     mean = s * (1.f / kHid);
@@ -523,16 +541,9 @@ __global__ void __launch_bounds__(kThreads, 1) ksplit_step(StepParams p) {
             if (layer == 0 && ns == 0)
                 for (int i = threadIdx.x; i < 32 * kTK; i += kThreads)
                     p.x[(i / kTK) * kHid + ks * kTK + i % kTK] = p.x_in[(i / kTK) * kHid + ks * kTK + i % kTK];
-            if (sb) sb[0] = gtimer();
-            cp_wait<2>();
-            __syncthreads();
-            if (sb) sb[1] = gtimer();
-            mma_tile<kTK, kTN>(a_s, sA, c_s);
-            __syncthreads();
-            if (sb) sb[2] = gtimer();
-            if (more) fetch_tile(sA, p.wA + (static_cast<size_t>(layer + 1) * kAKS * kANS + blk) * kTile);
-            add_out<kTN>(c_s, accA, kQkv, ns * kTN, nullptr);
-            if (sb) sb[3] = gtimer();
+            linear_tail<2>(a_s, sA, c_s,
+                           more ? p.wA + (static_cast<size_t>(layer + 1) * kAKS * kANS + blk) * kTile : nullptr,
+                           accA, kQkv, ns * kTN, nullptr, sb);
         }
         cp_commit();
         grid.sync();
@@ -566,16 +577,8 @@ __global__ void __launch_bounds__(kThreads, 1) ksplit_step(StepParams p) {
         if (gemm) {
             const int ks = blk / kDNS, ns = blk % kDNS;
             load_x<kTK>(p.x, ks * kTK, a_s, ns == 0 ? st2 : nullptr);
-            if (sb) sb[10] = gtimer();
-            cp_wait<2>();
-            __syncthreads();
-            if (sb) sb[11] = gtimer();
-            mma_tile<kTK, kTN>(a_s, sDE, c_s);
-            __syncthreads();
-            if (sb) sb[12] = gtimer();
-            fetch_tile(sDE, p.wE + (static_cast<size_t>(layer) * kEKS * kENS + blk) * kTile);
-            add_out<kTN>(c_s, accD, kFF, ns * kTN, nullptr);
-            if (sb) sb[13] = gtimer();
+            linear_tail<2>(a_s, sDE, c_s, p.wE + (static_cast<size_t>(layer) * kEKS * kENS + blk) * kTile, accD, kFF,
+                           ns * kTN, nullptr, sb ? sb + 10 : nullptr);
         }
         cp_commit();
         grid.sync();
@@ -606,16 +609,9 @@ __global__ void __launch_bounds__(kThreads, 1) ksplit_step(StepParams p) {
                 for (int i = 0; i < kPer; ++i)
                     a_s[(warp + rr * kWarps) * (kTK + 8) + lane + 32 * i] =
                         __float2half(gelu_new((v[rr][i] - mean[rr] * cd[i]) * rstd[rr] + bd[i]));
-            if (sb) sb[15] = gtimer();
-            cp_wait<0>();
-            __syncthreads();
-            if (sb) sb[16] = gtimer();
-            mma_tile<kTK, kTN>(a_s, sDE, c_s);
-            __syncthreads();
-            if (sb) sb[17] = gtimer();
-            if (more) fetch_tile(sDE, p.wD + (static_cast<size_t>(layer + 1) * kDKS * kDNS + blk) * kTile);
-            add_out<kTN>(c_s, p.x, kHid, ns * kTN, ks == 0 ? p.biasE + layer * kHid : nullptr);
-            if (sb) sb[18] = gtimer();
+            linear_tail<0>(a_s, sDE, c_s,
+                           more ? p.wD + (static_cast<size_t>(layer + 1) * kDKS * kDNS + blk) * kTile : nullptr,
+                           p.x, kHid, ns * kTN, ks == 0 ? p.biasE + layer * kHid : nullptr, sb ? sb + 15 : nullptr);
         }
         cp_commit();
         if (more || p.lnf_g) {
