@@ -18,7 +18,6 @@ attention phase). ``--no-lm-head`` stops after layer 11.
 
 import argparse
 import ctypes
-import math
 import os
 import statistics
 
@@ -75,31 +74,32 @@ def pack(layers, tiling):
     return {k: torch.stack(v).contiguous() for k, v in out.items()}
 
 
-def gelu_new(x):
-    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+def decoder_layer(p, x, attend):
+    """One GPT-2 block on x [B, 768] with the layer's parameters ``p``; ``attend(q, k, v)`` (each [B, H, 1, D])
+    returns the attention output [B, H, 1, D] over the cache and this step's key."""
+    h = F.layer_norm(x, (HID,), p["g1"], p["b1"], 1e-5)
+    q, k, v = (t.reshape(B, NH, 1, HD) for t in torch.addmm(p["ba"], h, p["wa"]).split(HID, dim=1))
+    x = x + torch.addmm(p["bo"], attend(q, k, v).reshape(B, HID), p["wo"])
+    h = F.layer_norm(x, (HID,), p["g2"], p["b2"], 1e-5)
+    return x + torch.addmm(p["bp"], F.gelu(torch.addmm(p["bf"], h, p["wf"]), approximate="tanh"), p["wp"])
 
 
 def reference(layers, x, kc, vc, pads, pos, dtype, head=None):
-    """The 12 layers in PyTorch at ``dtype`` (LayerNorm, linears, attention over keys [pad, pos] per row).
+    """The 12 layers in PyTorch at ``dtype``, attention over keys [pad, pos] per row; the caches are not touched.
     Returns (x after layer 11, new keys [12, B, H, D], new values, logits [B, vocab] or None); ``head`` is
     (ln_f weight, ln_f bias, wte)."""
     x = x.to(dtype)
     keys = torch.arange(pos + 1, device="cuda")
-    mask = keys[None, :] >= pads[:, None].long()            # [B, pos + 1]
+    mask = (keys[None, :] >= pads[:, None].long())[:, None, None, :]   # [B, 1, 1, pos + 1]
     newk, newv = [], []
     for i, p in enumerate(layers):
-        p = {k: v.to(dtype) for k, v in p.items()}
-        h = F.layer_norm(x, (HID,), p["g1"], p["b1"], 1e-5)
-        qkv = h @ p["wa"] + p["ba"]
-        q, k, v = (t.reshape(B, NH, 1, HD) for t in qkv.split(HID, dim=1))
-        K = torch.cat([kc[i, :, :, :pos].to(dtype), k], dim=2)
-        V = torch.cat([vc[i, :, :, :pos].to(dtype), v], dim=2)
-        newk.append(k[:, :, 0])
-        newv.append(v[:, :, 0])
-        att = F.scaled_dot_product_attention(q, K, V, attn_mask=mask[:, None, None, :])
-        x = x + att.reshape(B, HID) @ p["wo"] + p["bo"]
-        h = F.layer_norm(x, (HID,), p["g2"], p["b2"], 1e-5)
-        x = x + gelu_new(h @ p["wf"] + p["bf"]) @ p["wp"] + p["bp"]
+        def attend(q, k, v):
+            newk.append(k[:, :, 0])
+            newv.append(v[:, :, 0])
+            K = torch.cat([kc[i, :, :, :pos].to(dtype), k], dim=2)
+            V = torch.cat([vc[i, :, :, :pos].to(dtype), v], dim=2)
+            return F.scaled_dot_product_attention(q, K, V, attn_mask=mask)
+        x = decoder_layer({k: v.to(dtype) for k, v in p.items()}, x, attend)
     logits = None
     if head is not None:
         g, b, wte = (t.to(dtype) for t in head)
@@ -108,19 +108,15 @@ def reference(layers, x, kc, vc, pads, pos, dtype, head=None):
 
 
 def torch_step(layers16, x, kc, vc, pos, head16=None):
-    """The same layers as a PyTorch fp16 decode step would run them (full rows, no mask), caches updated; with
-    ``head16``, ln_f, the LM head and the greedy tokens too."""
+    """The same layers as a PyTorch fp16 decode step would run them (full rows, no mask), caches updated in place;
+    with ``head16``, ln_f, the LM head and the greedy tokens too."""
     x = x.half()
     for i, p in enumerate(layers16):
-        h = F.layer_norm(x, (HID,), p["g1"], p["b1"], 1e-5)
-        qkv = torch.addmm(p["ba"], h, p["wa"])
-        q, k, v = (t.reshape(B, NH, 1, HD) for t in qkv.split(HID, dim=1))
-        kc[i, :, :, pos:pos + 1] = k
-        vc[i, :, :, pos:pos + 1] = v
-        att = F.scaled_dot_product_attention(q, kc[i, :, :, :pos + 1], vc[i, :, :, :pos + 1])
-        x = x + torch.addmm(p["bo"], att.reshape(B, HID), p["wo"])
-        h = F.layer_norm(x, (HID,), p["g2"], p["b2"], 1e-5)
-        x = x + torch.addmm(p["bp"], F.gelu(torch.addmm(p["bf"], h, p["wf"]), approximate="tanh"), p["wp"])
+        def attend(q, k, v):
+            kc[i, :, :, pos:pos + 1] = k
+            vc[i, :, :, pos:pos + 1] = v
+            return F.scaled_dot_product_attention(q, kc[i, :, :, :pos + 1], vc[i, :, :, :pos + 1])
+        x = decoder_layer(p, x, attend)
     if head16 is not None:
         g, b, wte = head16
         return (F.layer_norm(x, (HID,), g, b, 1e-5) @ wte.t()).argmax(-1)
