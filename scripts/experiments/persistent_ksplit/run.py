@@ -29,7 +29,7 @@ B, HID, NH, HD, FF, QKV, NL, VOCAB = 32, 768, 12, 64, 3072, 2304, 12, 50257
 
 class StepParams(ctypes.Structure):
     _fields_ = [(n, ctypes.c_void_p) for n in ("x_in", "x", "kcache", "vcache", "pads")] + [
-        ("L", ctypes.c_int), ("pos", ctypes.c_int), ] + [
+        ("L", ctypes.c_int), ("pos", ctypes.c_int)] + [
         (n, ctypes.c_void_p) for n in ("wA", "wO", "wD", "wE", "colA", "biasA", "biasO", "colD", "biasD", "biasE",
                                        "accA", "accD", "stats", "times", "sub", "blkt",
                                        "lnf_g", "lnf_b", "wte")] + [("vocab", ctypes.c_int), ("best", ctypes.c_void_p)]
@@ -212,8 +212,8 @@ def main():
             tokens = (0xFFFFFFFF - (best & 0xFFFFFFFF)).long()
             top = lg64.max(-1).values
             mine = lg64.gather(1, tokens[:, None])[:, 0]
-            err16 = (lg16.double() - lg64).abs().max(-1).values
-            near = mine >= top - torch.clamp(3 * err16, min=1e-3)
+            lerr16 = (lg16.double() - lg64).abs().max(-1).values
+            near = mine >= top - torch.clamp(3 * lerr16, min=1e-3)
             same = (tokens == lg64.argmax(-1)).sum().item()
             ok_t = bool(near.all().item())
             print(f"  greedy tokens: {same}/{B} equal the float64 argmax, every token within 3x PyTorch fp16's logit "
@@ -273,7 +273,7 @@ def main():
     starts = {"A": [t[0]] + [t[4 * l] for l in range(1, NL)], "B": [t[4 * l + 1] for l in range(NL)],
               "D": [t[4 * l + 2] for l in range(NL)], "E": [t[4 * l + 3] for l in range(NL)]}
     for name, cols, labels in (("A", (0, 1, 2, 3), "load x, wait tile, mma, atomics"),
-                               ("B", (4, 5, 6, 7, 8), "zero, q k v, keys (rows finished inside), last row, barrier"),
+                               ("B", (4, 5, 6, 7, 8), "zero, q k v, keys, combine, c_proj"),
                                ("D", (10, 11, 12, 13), "load x, wait tile, mma, atomics"),
                                ("E", (15, 16, 17, 18), "load + GELU, wait tile, mma, atomics")):
         steps = []
@@ -286,6 +286,7 @@ def main():
             steps.append(row)
         med = [statistics.median(r[i] for r in steps) for i in range(len(cols))]
         print(f"  {name} ({labels}): medians " + " / ".join(f"{m:.2f}" for m in med) + " us")
+
 
 if __name__ == "__main__":
     main()

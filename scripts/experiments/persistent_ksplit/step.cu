@@ -29,12 +29,13 @@ namespace cg = cooperative_groups;
 using namespace nvcuda;
 
 constexpr int kB = 32, kHid = 768, kHeads = 12, kHd = 64, kFF = 3072, kQkv = 2304, kLayers = 12;
-constexpr int kThreads = 512, kWarps = kThreads / 32, kGemmBlocks = 128;
+constexpr int kThreads = 512, kWarps = kThreads / 32;
 // One tile shape for all three: 192 x 96 (fp16, 36 KB; rows padded to 104 in shared memory against bank conflicts).
 constexpr int kTK = 192, kTN = 96, kTile = kTK * kTN, kTNP = kTN + 8, kTileS = kTK * kTNP;
 constexpr int kAKS = kHid / kTK, kANS = kQkv / kTN;   // c_attn   768 x 2304: 4 x 24 = 96 tiles
 constexpr int kDKS = kHid / kTK, kDNS = kFF / kTN;    // c_fc     768 x 3072: 4 x 32 = 128 tiles
 constexpr int kEKS = kFF / kTK, kENS = kHid / kTN;    // mlp proj 3072 x 768: 16 x 8 = 128 tiles
+constexpr int kGemmBlocks = kDKS * kDNS;              // blocks with a c_fc / mlp c_proj tile (the most of the three)
 
 struct StepParams {
     const float* x_in;      // [32, 768] fp32: the layer-0 input (embeddings), row-major
@@ -57,7 +58,7 @@ struct StepParams {
     float* accA;            // [2, 32, 2304] fp32: c_attn accumulators by layer parity; parity 0 zero at entry
     float* accD;            // [2, 32, 3072] fp32: c_fc accumulators by layer parity; parity 0 zero at entry
     float* stats;           // [2, 2, 32, 2] fp32: (parity, ln_1 / ln_2, row, sum / sum of squares); parity 0 zero
-    unsigned long long* times;  // [48] or null: %globaltimer at the start and after each barrier (block 0)
+    unsigned long long* times;  // [50] or null: block 0's %globaltimer at the start, after each barrier and at the end
     unsigned long long* sub;    // [12, 20] or null: block 0's %globaltimer inside each phase (see the kernel)
     unsigned long long* blkt;   // [grid, 2] or null: every block's %globaltimer around layer 5's attention phase
     const float* lnf_g;     // [768] fp32: ln_f weight (null: stop after layer 11, no LM head)
@@ -508,7 +509,7 @@ __global__ void __launch_bounds__(kThreads, 1) ksplit_step(StepParams p) {
 
     cg::grid_group grid = cg::this_grid();
     const int blk = blockIdx.x;
-    const bool gemmA = blk < kAKS * kANS, gemm = blk < kDKS * kDNS;
+    const bool gemmA = blk < kAKS * kANS, gemm = blk < kGemmBlocks;
     static_assert(kDKS * kDNS == kEKS * kENS, "c_fc and mlp c_proj use the same blocks");
     const int nbh = gridDim.x / kHeads, head = blk / nbh, hj = blk % nbh;
     const bool attn = head < kHeads;
@@ -626,7 +627,8 @@ __global__ void __launch_bounds__(kThreads, 1) ksplit_step(StepParams p) {
 
 constexpr size_t kScratch = (kMaxRows * (kQPad + 2 * kHd + (kWarps + 1) * kPart + kHd)) * sizeof(float);
 constexpr size_t kCs = 32 * (kTN + 4) * sizeof(float);
-constexpr size_t kLayerSmem = sizeof(half) * (2 * kTileS + kHd * kHid + 32 * (kTK + 8)) + (kScratch > kCs ? kScratch : kCs);
+constexpr size_t kLayerSmem =
+    sizeof(half) * (2 * kTileS + kHd * kHid + 32 * (kTK + 8)) + (kScratch > kCs ? kScratch : kCs);
 
 constexpr size_t kSmem = kLayerSmem > kLmSmem ? kLayerSmem : kLmSmem;
 static_assert(kSmem <= 227 * 1024, "shared memory");
