@@ -6,9 +6,10 @@
 // whole activation of each phase through L2 (2.5-9.3 us per phase) and it took 657-680 us for the layers. Here a
 // linear layer [32, K] x [K, N] is cut into K slices times N slices, 192 x 96 weight tiles (c_attn 4 x 24, c_fc
 // 4 x 32, mlp c_proj 16 x 8): each block multiplies a 32-row slice of the activation by its tile (in shared
-// memory, fetched a phase or more ahead with cp.async) on tensor cores and adds the partial result into an fp32
-// accumulator with sm_90 vector atomics (red.global.add.v4.f32). The residual stream is such an accumulator, so
-// the residual adds cost nothing extra. LayerNorm is folded into the linear after it:
+// memory, fetched a phase or more ahead with cp.async, each fetch issued after the block arrived at the grid
+// barrier that ends the phase before, so that the barrier does not wait for it) on tensor cores and adds the
+// partial result into an fp32 accumulator with sm_90 vector atomics (red.global.add.v4.f32). The residual stream
+// is such an accumulator, so the residual adds cost nothing extra. LayerNorm is folded into the linear after it:
 // LN(x) W + b = rstd * (x W' - mean * colsum(W')) + (beta W + b), W' = diag(gamma) W, so the producer multiplies
 // the raw x and adds sum(x) and sum(x^2) of its K slice into per-row statistics, and the consumer of the
 // accumulator applies mean, rstd, colsum and bias. Attention blocks are grouped by head (132 = 12 heads x 11
@@ -162,11 +163,10 @@ __device__ void load_x(const float* x, int k0, half* a_s, float* stats) {
 }
 
 // The common tail of a linear phase: wait for its weight tile (cp.async groups: at most WAIT newer ones pending),
-// multiply a_s by it into c_s, fetch the next tile into the freed slot (when next is not null), add c_s into
-// out[:, n0 ..] (+ bias). sb: block 0's timers at sb[0 .. 3] (or null).
+// multiply a_s by it into c_s, add c_s into out[:, n0 ..] (+ bias). sb: block 0's timers at sb[0 .. 3] (or null).
 template <int WAIT>
-__device__ __forceinline__ void linear_tail(const half* a_s, half* w_s, float* c_s, const half* next, float* out,
-                                            int ld, int n0, const float* bias, unsigned long long* sb) {
+__device__ __forceinline__ void linear_tail(const half* a_s, const half* w_s, float* c_s, float* out, int ld, int n0,
+                                            const float* bias, unsigned long long* sb) {
     if (sb) sb[0] = gtimer();
     cp_wait<WAIT>();
     __syncthreads();
@@ -174,9 +174,19 @@ __device__ __forceinline__ void linear_tail(const half* a_s, half* w_s, float* c
     mma_tile<kTK, kTN>(a_s, w_s, c_s);
     __syncthreads();
     if (sb) sb[2] = gtimer();
-    if (next) fetch_tile(w_s, next);
     add_out<kTN>(c_s, out, ld, n0, bias);
     if (sb) sb[3] = gtimer();
+}
+
+// The end of a linear phase: arrive at the grid barrier (its release waits for this block's atomics), then put the
+// next weight tile (src, when not null) into the freed slot dst and commit the phase's cp.async group, then wait
+// for the other blocks. The fetch goes out after the arrival, so that the barrier does not wait for it.
+__device__ __forceinline__ void end_linear(const cg::grid_group& grid, half* dst, const half* src) {
+    auto token = grid.barrier_arrive();
+    __syncthreads();   // the arrival (thread 0's atomic) before the fetch's loads
+    if (src) fetch_tile(dst, src);
+    cp_commit();
+    grid.barrier_wait(std::move(token));
 }
 
 __device__ __forceinline__ void row_norm(const float* stats, int r, float& mean, float& rstd) {
@@ -542,12 +552,10 @@ __global__ void __launch_bounds__(kThreads, 1) ksplit_step(StepParams p) {
             if (layer == 0 && ns == 0)
                 for (int i = threadIdx.x; i < 32 * kTK; i += kThreads)
                     p.x[(i / kTK) * kHid + ks * kTK + i % kTK] = p.x_in[(i / kTK) * kHid + ks * kTK + i % kTK];
-            linear_tail<2>(a_s, sA, c_s,
-                           more ? p.wA + (static_cast<size_t>(layer + 1) * kAKS * kANS + blk) * kTile : nullptr,
-                           accA, kQkv, ns * kTN, nullptr, sb);
+            linear_tail<2>(a_s, sA, c_s, accA, kQkv, ns * kTN, nullptr, sb);
         }
-        cp_commit();
-        grid.sync();
+        end_linear(grid, sA,
+                   gemmA && more ? p.wA + (static_cast<size_t>(layer + 1) * kAKS * kANS + blk) * kTile : nullptr);
         if (times) times[tick++] = gtimer();
         // ---- B: attention, attn c_proj, residual; zero the other parity's accumulators ----
         {
@@ -568,21 +576,23 @@ __global__ void __launch_bounds__(kThreads, 1) ksplit_step(StepParams p) {
                                 p.biasO + layer * kHid, sO, c_s, sb);
             if (sb) sb[8] = gtimer();
             if (p.blkt && layer == 5 && threadIdx.x == 0) p.blkt[blk * 2 + 1] = gtimer();
+        }
+        {   // the next layer's c_proj rows go out after this block arrived at the barrier, as in end_linear
+            auto token = grid.barrier_arrive();
+            __syncthreads();
             if (attn && more) fetch(sO, p.wO + (static_cast<size_t>(layer + 1) * kHid + head * kHd) * kHid,
                                     kHd * kHid);
             cp_commit();
+            grid.barrier_wait(std::move(token));
         }
-        grid.sync();
         if (times) times[tick++] = gtimer();
         // ---- D: ln_2 folded into c_fc ----
         if (gemm) {
             const int ks = blk / kDNS, ns = blk % kDNS;
             load_x<kTK>(p.x, ks * kTK, a_s, ns == 0 ? st2 : nullptr);
-            linear_tail<2>(a_s, sDE, c_s, p.wE + (static_cast<size_t>(layer) * kEKS * kENS + blk) * kTile, accD, kFF,
-                           ns * kTN, nullptr, sb ? sb + 10 : nullptr);
+            linear_tail<2>(a_s, sDE, c_s, accD, kFF, ns * kTN, nullptr, sb ? sb + 10 : nullptr);
         }
-        cp_commit();
-        grid.sync();
+        end_linear(grid, sDE, gemm ? p.wE + (static_cast<size_t>(layer) * kEKS * kENS + blk) * kTile : nullptr);
         if (times) times[tick++] = gtimer();
         // ---- E: GELU + mlp c_proj + residual ----
         if (gemm) {
@@ -610,14 +620,15 @@ __global__ void __launch_bounds__(kThreads, 1) ksplit_step(StepParams p) {
                 for (int i = 0; i < kPer; ++i)
                     a_s[(warp + rr * kWarps) * (kTK + 8) + lane + 32 * i] =
                         __float2half(gelu_new((v[rr][i] - mean[rr] * cd[i]) * rstd[rr] + bd[i]));
-            linear_tail<0>(a_s, sDE, c_s,
-                           more ? p.wD + (static_cast<size_t>(layer + 1) * kDKS * kDNS + blk) * kTile : nullptr,
-                           p.x, kHid, ns * kTN, ks == 0 ? p.biasE + layer * kHid : nullptr, sb ? sb + 15 : nullptr);
+            linear_tail<0>(a_s, sDE, c_s, p.x, kHid, ns * kTN, ks == 0 ? p.biasE + layer * kHid : nullptr,
+                           sb ? sb + 15 : nullptr);
         }
-        cp_commit();
         if (more || p.lnf_g) {
-            grid.sync();
+            end_linear(grid, sDE,
+                       gemm && more ? p.wD + (static_cast<size_t>(layer + 1) * kDKS * kDNS + blk) * kTile : nullptr);
             if (times) times[tick++] = gtimer();
+        } else {
+            cp_commit();
         }
     }
     cp_wait<0>();
