@@ -178,13 +178,14 @@ __device__ __forceinline__ void linear_tail(const half* a_s, const half* w_s, fl
     if (sb) sb[3] = gtimer();
 }
 
-// The end of a linear phase: arrive at the grid barrier (its release waits for this block's atomics), then put the
-// next weight tile (src, when not null) into the freed slot dst and commit the phase's cp.async group, then wait
-// for the other blocks. The fetch goes out after the arrival, so that the barrier does not wait for it.
-__device__ __forceinline__ void end_linear(const cg::grid_group& grid, half* dst, const half* src) {
+// The end of a phase: arrive at the grid barrier (its release waits for this block's atomics), then issue() the
+// fetch into the shared memory this phase freed and commit the phase's cp.async group, then wait for the other
+// blocks. The fetch goes out after the arrival, so that the barrier does not wait for it.
+template <class Issue>
+__device__ __forceinline__ void end_phase(const cg::grid_group& grid, Issue&& issue) {
     auto token = grid.barrier_arrive();
     __syncthreads();   // the arrival (thread 0's atomic) before the fetch's loads
-    if (src) fetch_tile(dst, src);
+    issue();
     cp_commit();
     grid.barrier_wait(std::move(token));
 }
@@ -554,8 +555,9 @@ __global__ void __launch_bounds__(kThreads, 1) ksplit_step(StepParams p) {
                     p.x[(i / kTK) * kHid + ks * kTK + i % kTK] = p.x_in[(i / kTK) * kHid + ks * kTK + i % kTK];
             linear_tail<2>(a_s, sA, c_s, accA, kQkv, ns * kTN, nullptr, sb);
         }
-        end_linear(grid, sA,
-                   gemmA && more ? p.wA + (static_cast<size_t>(layer + 1) * kAKS * kANS + blk) * kTile : nullptr);
+        end_phase(grid, [&] {
+            if (gemmA && more) fetch_tile(sA, p.wA + (static_cast<size_t>(layer + 1) * kAKS * kANS + blk) * kTile);
+        });
         if (times) times[tick++] = gtimer();
         // ---- B: attention, attn c_proj, residual; zero the other parity's accumulators ----
         {
@@ -577,14 +579,9 @@ __global__ void __launch_bounds__(kThreads, 1) ksplit_step(StepParams p) {
             if (sb) sb[8] = gtimer();
             if (p.blkt && layer == 5 && threadIdx.x == 0) p.blkt[blk * 2 + 1] = gtimer();
         }
-        {   // the next layer's c_proj rows go out after this block arrived at the barrier, as in end_linear
-            auto token = grid.barrier_arrive();
-            __syncthreads();
-            if (attn && more) fetch(sO, p.wO + (static_cast<size_t>(layer + 1) * kHid + head * kHd) * kHid,
-                                    kHd * kHid);
-            cp_commit();
-            grid.barrier_wait(std::move(token));
-        }
+        end_phase(grid, [&] {
+            if (attn && more) fetch(sO, p.wO + (static_cast<size_t>(layer + 1) * kHid + head * kHd) * kHid, kHd * kHid);
+        });
         if (times) times[tick++] = gtimer();
         // ---- D: ln_2 folded into c_fc ----
         if (gemm) {
@@ -592,7 +589,9 @@ __global__ void __launch_bounds__(kThreads, 1) ksplit_step(StepParams p) {
             load_x<kTK>(p.x, ks * kTK, a_s, ns == 0 ? st2 : nullptr);
             linear_tail<2>(a_s, sDE, c_s, accD, kFF, ns * kTN, nullptr, sb ? sb + 10 : nullptr);
         }
-        end_linear(grid, sDE, gemm ? p.wE + (static_cast<size_t>(layer) * kEKS * kENS + blk) * kTile : nullptr);
+        end_phase(grid, [&] {
+            if (gemm) fetch_tile(sDE, p.wE + (static_cast<size_t>(layer) * kEKS * kENS + blk) * kTile);
+        });
         if (times) times[tick++] = gtimer();
         // ---- E: GELU + mlp c_proj + residual ----
         if (gemm) {
@@ -624,11 +623,10 @@ __global__ void __launch_bounds__(kThreads, 1) ksplit_step(StepParams p) {
                            sb ? sb + 15 : nullptr);
         }
         if (more || p.lnf_g) {
-            end_linear(grid, sDE,
-                       gemm && more ? p.wD + (static_cast<size_t>(layer + 1) * kDKS * kDNS + blk) * kTile : nullptr);
+            end_phase(grid, [&] {
+                if (gemm && more) fetch_tile(sDE, p.wD + (static_cast<size_t>(layer + 1) * kDKS * kDNS + blk) * kTile);
+            });
             if (times) times[tick++] = gtimer();
-        } else {
-            cp_commit();
         }
     }
     cp_wait<0>();
