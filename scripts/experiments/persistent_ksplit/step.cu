@@ -139,14 +139,21 @@ __device__ void add_out(const float* c_s, float* out, int ld, int n0, const floa
 template <int KT>
 __device__ void load_x(const float* x, int k0, half* a_s, float* stats) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    constexpr int kR = 32 / kWarps, kC = KT / 32;
+    float v[kR][kC];
 #pragma unroll
-    for (int r = warp; r < 32; r += kWarps) {
+    for (int rr = 0; rr < kR; ++rr)   // every load goes out before any is used (one round trip to L2)
+#pragma unroll
+        for (int i = 0; i < kC; ++i) v[rr][i] = __ldcg(x + (warp + rr * kWarps) * kHid + k0 + lane + 32 * i);
+#pragma unroll
+    for (int rr = 0; rr < kR; ++rr) {
+        const int r = warp + rr * kWarps;
         float s = 0.f, ss = 0.f;
-        for (int c = lane; c < KT; c += 32) {
-            const float v = __ldcg(x + r * kHid + k0 + c);
-            a_s[r * (KT + 8) + c] = __float2half(v);
-            s += v;
-            ss += v * v;
+#pragma unroll
+        for (int i = 0; i < kC; ++i) {
+            a_s[r * (KT + 8) + lane + 32 * i] = __float2half(v[rr][i]);
+            s += v[rr][i];
+            ss += v[rr][i] * v[rr][i];
         }
         if (stats) {
 #pragma unroll
@@ -190,8 +197,8 @@ __device__ __forceinline__ void end_phase(const cg::grid_group& grid, Issue&& is
     grid.barrier_wait(std::move(token));
 }
 
-__device__ __forceinline__ void row_norm(const float* stats, int r, float& mean, float& rstd) {
-    const float s = __ldcg(stats + r * 2), ss = __ldcg(stats + r * 2 + 1);
+// A row's LayerNorm mean and 1 / std from its sum s and sum of squares ss over the 768 features.
+__device__ __forceinline__ void row_norm(float s, float ss, float& mean, float& rstd) {
     mean = s * (1.f / kHid);
     const float var = fmaxf(ss * (1.f / kHid) - mean * mean, 0.f);
     rstd = rsqrtf(var + 1e-5f);
@@ -317,7 +324,7 @@ __device__ void attention_phase(const StepParams& p, int layer, int h, int j, in
     for (int t = tid; t < nrows * 3 * kHd; t += kThreads) {  // q (scaled), k, v of this step
         const int r = t / (3 * kHd), which = (t / kHd) % 3, d = t % kHd, n = which * kHid + h * kHd + d, b = rows[r];
         float mean, rstd;
-        row_norm(stats, b, mean, rstd);
+        row_norm(__ldcg(stats + b * 2), __ldcg(stats + b * 2 + 1), mean, rstd);
         float v = (__ldcg(acc + b * kQkv + n) - mean * col[n]) * rstd + bias[n];
         if (which == 0) {
             qs[r * kQPad + (d / 32) * 36 + d % 32] = v * 0.125f;
@@ -600,7 +607,19 @@ __global__ void __launch_bounds__(kThreads, 1) ksplit_step(StepParams p) {
             const float* biasD = p.biasD + layer * kFF + ks * kTK;
             const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
             constexpr int kPer = kTK / 32, kRows = 32 / kWarps;
-            float v[kRows][kPer], cd[kPer], bd[kPer], mean[kRows], rstd[kRows];
+            float v[kRows][kPer], sm[kRows][2], cd[kPer], bd[kPer];
+            // every load goes out before any is used: the accumulator slice first, then the row statistics and
+            // the constants
+#pragma unroll
+            for (int rr = 0; rr < kRows; ++rr)
+#pragma unroll
+                for (int i = 0; i < kPer; ++i)
+                    v[rr][i] = __ldcg(accD + (warp + rr * kWarps) * kFF + ks * kTK + lane + 32 * i);
+#pragma unroll
+            for (int rr = 0; rr < kRows; ++rr) {
+                sm[rr][0] = __ldcg(st2 + (warp + rr * kWarps) * 2);
+                sm[rr][1] = __ldcg(st2 + (warp + rr * kWarps) * 2 + 1);
+            }
 #pragma unroll
             for (int i = 0; i < kPer; ++i) {
                 cd[i] = colD[lane + 32 * i];
@@ -608,17 +627,13 @@ __global__ void __launch_bounds__(kThreads, 1) ksplit_step(StepParams p) {
             }
 #pragma unroll
             for (int rr = 0; rr < kRows; ++rr) {
-                const int r = warp + rr * kWarps;
-                row_norm(st2, r, mean[rr], rstd[rr]);
-#pragma unroll
-                for (int i = 0; i < kPer; ++i) v[rr][i] = __ldcg(accD + r * kFF + ks * kTK + lane + 32 * i);
-            }
-#pragma unroll
-            for (int rr = 0; rr < kRows; ++rr)
+                float mean, rstd;
+                row_norm(sm[rr][0], sm[rr][1], mean, rstd);
 #pragma unroll
                 for (int i = 0; i < kPer; ++i)
                     a_s[(warp + rr * kWarps) * (kTK + 8) + lane + 32 * i] =
-                        __float2half(gelu_new((v[rr][i] - mean[rr] * cd[i]) * rstd[rr] + bd[i]));
+                        __float2half(gelu_new((v[rr][i] - mean * cd[i]) * rstd + bd[i]));
+            }
             linear_tail<0>(a_s, sDE, c_s, p.x, kHid, ns * kTN, ks == 0 ? p.biasE + layer * kHid : nullptr,
                            sb ? sb + 15 : nullptr);
         }
