@@ -136,15 +136,23 @@ __device__ void add_out(const float* c_s, float* out, int ld, int n0, const floa
 
 // a_s[32, KT] = fp16(x[:, k0 .. k0 + KT]) (x read through L2); when stats is not null, adds each row's sum and
 // sum of squares of the slice into stats[row, 0 / 1].
+// This thread's share of src[32, ld] columns k0 .. k0 + KT (read through L2): rows warp + 16 rr, columns
+// k0 + lane + 32 i into v[rr][i]. Every load goes out before any is used (one round trip to L2).
+template <int KT>
+__device__ __forceinline__ void load_slice(const float* src, int ld, int k0, float (&v)[32 / kWarps][KT / 32]) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int rr = 0; rr < 32 / kWarps; ++rr)
+#pragma unroll
+        for (int i = 0; i < KT / 32; ++i) v[rr][i] = __ldcg(src + (warp + rr * kWarps) * ld + k0 + lane + 32 * i);
+}
+
 template <int KT>
 __device__ void load_x(const float* x, int k0, half* a_s, float* stats) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     constexpr int kR = 32 / kWarps, kC = KT / 32;
     float v[kR][kC];
-#pragma unroll
-    for (int rr = 0; rr < kR; ++rr)   // every load goes out before any is used (one round trip to L2)
-#pragma unroll
-        for (int i = 0; i < kC; ++i) v[rr][i] = __ldcg(x + (warp + rr * kWarps) * kHid + k0 + lane + 32 * i);
+    load_slice<KT>(x, kHid, k0, v);
 #pragma unroll
     for (int rr = 0; rr < kR; ++rr) {
         const int r = warp + rr * kWarps;
@@ -610,11 +618,7 @@ __global__ void __launch_bounds__(kThreads, 1) ksplit_step(StepParams p) {
             float v[kRows][kPer], sm[kRows][2], cd[kPer], bd[kPer];
             // every load goes out before any is used: the accumulator slice first, then the row statistics and
             // the constants
-#pragma unroll
-            for (int rr = 0; rr < kRows; ++rr)
-#pragma unroll
-                for (int i = 0; i < kPer; ++i)
-                    v[rr][i] = __ldcg(accD + (warp + rr * kWarps) * kFF + ks * kTK + lane + 32 * i);
+            load_slice<kTK>(accD, kFF, ks * kTK, v);
 #pragma unroll
             for (int rr = 0; rr < kRows; ++rr) {
                 sm[rr][0] = __ldcg(st2 + (warp + rr * kWarps) * 2);
